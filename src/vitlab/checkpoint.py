@@ -1,0 +1,371 @@
+"""Reading and writing model checkpoints (paper Section 3.2 for the resolution change).
+
+A vitlab checkpoint is a directory with ``config.json`` (architecture, preprocessing, class names) and
+``model.safetensors``. :func:`from_pretrained` also reads timm-layout state dicts (``.safetensors``, or
+``.pth`` / ``.bin`` / ``.pt`` read with ``torch.load(weights_only=True)``, plain or wrapped in
+``{"state_dict": ...}`` / ``{"model": ...}``). Adapting a checkpoint to another image size, class count or
+channel count is a pure function over state dicts, :func:`adapt_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vitlab import pos_embed as pe
+from vitlab.config import Preprocessing, ViTConfig, field_names
+from vitlab.errors import CheckpointError
+from vitlab.io import atomic_write, atomic_write_json
+from vitlab.model import ViT
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_TAG = "vitlab"
+FORMAT_VERSION = 1
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+# Fields the weights themselves fix. image_size, num_classes, representation_size (to None) and
+# in_channels can be changed by adapting the weights; the rest only by training anew.
+_FIXED_BY_WEIGHTS = ("patch_size", "hidden_dim", "num_layers", "mlp_dim", "pos_embed", "pool", "qkv_bias")
+
+
+@dataclass
+class Checkpoint:
+    """A state dict in vitlab's layout with everything known about it."""
+
+    state_dict: dict[str, Tensor]
+    config: ViTConfig
+    preprocessing: Preprocessing
+    class_names: list[str] | None = None
+    format: str = "vitlab"
+
+
+# ------------------------------------------------------------------------------------------- write
+def save_model(model: ViT, directory: str | Path) -> Path:
+    """Write ``model`` as a vitlab directory; each file is replaced atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save into {directory}: it exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_NAME, checkpoint_metadata(model))
+    return directory
+
+
+def checkpoint_metadata(model: ViT) -> dict[str, Any]:
+    from vitlab import __version__
+
+    return {
+        "format": FORMAT_TAG,
+        "format_version": FORMAT_VERSION,
+        "vitlab_version": __version__,
+        "architecture": model.config.to_dict(),
+        "preprocessing": model.preprocessing.to_dict(),
+        "class_names": model.class_names,
+    }
+
+
+# -------------------------------------------------------------------------------------------- read
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` or weights-only pickle file, unwrapped from ``state_dict``/``model``.
+
+    Pickles are read with ``weights_only=True``: a file that needs code to load is refused, and its code
+    never runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it needs code to unpickle, which vitlab never runs "
+            f"(only tensors are read, with torch.load(weights_only=True)). Details: {str(e).splitlines()[0]}"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch file (truncated or corrupt?): {e}") from e
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not _all_tensors(obj):
+            for key in ("state_dict", "model", "module", "model_state_dict"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, Mapping) or not _all_tensors(obj):
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors (looked at the top level and under "
+            "'state_dict', 'model', 'module')"
+        )
+    sd = {str(k): v for k, v in obj.items()}
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _all_tensors(obj: Mapping[Any, Any]) -> bool:
+    return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def load_vitlab_dir(directory: Path) -> Checkpoint:
+    meta = read_config_json(directory)
+    if meta.get("format") != FORMAT_TAG:
+        raise CheckpointError(f"{directory / CONFIG_NAME} is not a vitlab config (no \"format\": \"vitlab\")")
+    try:
+        config = ViTConfig.from_dict(meta["architecture"])
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME} is not a valid vitlab config: {e}") from e
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    return Checkpoint(read_state_dict(weights), config, preprocessing, meta.get("class_names"), "vitlab")
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return meta
+
+
+# ----------------------------------------------------------------------- timm layout -> ViTConfig
+def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) -> ViTConfig:
+    """The architecture of a timm / vitlab-layout state dict, from its shapes and ``overrides``.
+
+    The head count cannot be read from the shapes: it must be in ``overrides``.
+    """
+    if "fc_norm.weight" in sd:
+        raise CheckpointError(
+            "this timm state dict has 'fc_norm' (global average pooling followed by a LayerNorm); vitlab's GAP "
+            "applies the final LayerNorm before the mean (as big_vision), so it cannot load it"
+        )
+    _require(sd, ["patch_embed.proj.weight", "norm.weight"], "a timm/vitlab ViT state dict")
+    d, c, p, p2 = sd["patch_embed.proj.weight"].shape
+    if p != p2:
+        raise CheckpointError(f"non-square patches {p}x{p2} are not supported")
+    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if layers == 0:
+        raise CheckpointError("the state dict has no 'blocks.{i}.' keys: not a ViT encoder")
+    if "num_heads" not in overrides:
+        raise CheckpointError(
+            "num_heads cannot be read from a timm-layout state dict: pass it, e.g. "
+            f"vitlab.from_pretrained(path, num_heads={max(1, d // 64)}) or --num-heads {max(1, d // 64)}"
+        )
+    has_cls = "cls_token" in sd
+    if "pos_embed" in sd:
+        kind = "learned"
+    elif "pos_embed_y" in sd:
+        kind = "learned_2d"
+    elif "blocks.0.attn.rel_pos" in sd:
+        kind = "relative"
+    else:
+        kind = overrides.get("pos_embed", "none")
+    hint = _grid_hint(overrides.get("image_size"), p)
+    if kind == "learned":
+        n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)
+        grid = pe.grid_from_tokens(n, hint)
+    elif kind == "learned_2d":
+        grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
+    elif kind == "relative":
+        t = sd["blocks.0.attn.rel_pos"].shape
+        grid = ((t[1] + 1) // 2, (t[2] + 1) // 2)
+    else:
+        grid = hint or (224 // p, 224 // p)
+    rep = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    try:
+        return ViTConfig(
+            image_size=(grid[0] * p, grid[1] * p),
+            patch_size=p,
+            in_channels=c,
+            hidden_dim=d,
+            num_layers=layers,
+            num_heads=int(overrides["num_heads"]),
+            mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
+            num_classes=num_classes,
+            pos_embed=kind,
+            pool="token" if has_cls else "gap",
+            representation_size=rep,
+            qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"the state dict is missing the key {e}") from e
+
+
+def _grid_hint(image_size: Any, patch: int) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return (h // patch, w // patch)
+
+
+def _require(sd: Mapping[str, Tensor], keys: Sequence[str], what: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise CheckpointError(f"not {what}: missing key(s) {missing}")
+
+
+# ------------------------------------------------------------------------------ adapt (pure)
+def adapt_state_dict(sd: Mapping[str, Tensor], source: ViTConfig, target: ViTConfig) -> dict[str, Tensor]:
+    """Turn weights of ``source`` into weights of ``target`` (a pure function; the input is not changed).
+
+    - image_size: position embeddings resampled in 2D to the new grid (paper Section 3.2);
+    - num_classes: a new zero-initialised head (the paper's fine-tuning);
+    - representation_size: only to None, dropping the pre-logits layer;
+    - in_channels: RGB filters summed over colour for grey input (3 -> 1), or spread (1 -> 3).
+    """
+    for name in _FIXED_BY_WEIGHTS:
+        if getattr(source, name) != getattr(target, name):
+            raise CheckpointError(
+                f"the checkpoint has {name}={getattr(source, name)!r}; it cannot be changed to "
+                f"{getattr(target, name)!r} when loading (the weights fix it)"
+            )
+    out = dict(sd)
+    if source.grid_size != target.grid_size:
+        _resample_positions(out, source, target)
+    if source.representation_size != target.representation_size:
+        if target.representation_size is not None:
+            raise CheckpointError(
+                f"representation_size can only be dropped (None) when loading, not changed from "
+                f"{source.representation_size} to {target.representation_size}"
+            )
+        out.pop("pre_logits.fc.weight", None)
+        out.pop("pre_logits.fc.bias", None)
+    head_in = target.representation_size or target.hidden_dim
+    head_w = out.get("head.weight")
+    if source.num_classes != target.num_classes or (head_w is not None and head_w.shape[1] != head_in):
+        out.pop("head.weight", None)
+        out.pop("head.bias", None)
+        if target.num_classes:
+            ref = out["patch_embed.proj.weight"]
+            out["head.weight"] = torch.zeros(target.num_classes, head_in, dtype=ref.dtype)
+            out["head.bias"] = torch.zeros(target.num_classes, dtype=ref.dtype)
+    if source.in_channels != target.in_channels:
+        w = out["patch_embed.proj.weight"]
+        if source.in_channels == 3 and target.in_channels == 1:
+            out["patch_embed.proj.weight"] = w.sum(dim=1, keepdim=True)
+        elif source.in_channels == 1:
+            out["patch_embed.proj.weight"] = w.repeat(1, target.in_channels, 1, 1) / target.in_channels
+        else:
+            raise CheckpointError(
+                f"cannot adapt {source.in_channels}-channel filters to in_channels={target.in_channels} "
+                "(supported: 3 -> 1 and 1 -> any)"
+            )
+    return out
+
+
+def _resample_positions(sd: dict[str, Tensor], source: ViTConfig, target: ViTConfig) -> None:
+    grid = target.grid_size
+    if source.pos_embed == "learned":
+        sd["pos_embed"] = pe.resample_pos_embed(
+            sd["pos_embed"], source.grid_size, grid, source.num_prefix_tokens
+        )
+    elif source.pos_embed == "learned_2d":
+        sd["pos_embed_y"] = pe.resample_axis_embed(sd["pos_embed_y"], grid[0])
+        sd["pos_embed_x"] = pe.resample_axis_embed(sd["pos_embed_x"], grid[1])
+    elif source.pos_embed == "relative":
+        for key in [k for k in sd if k.endswith("attn.rel_pos")]:
+            sd[key] = pe.resample_relative_table(sd[key], grid)
+
+
+def adapt_preprocessing(pre: Preprocessing, target: ViTConfig) -> Preprocessing:
+    mean, std = pre.mean, pre.std
+    if len(mean) != target.in_channels:
+        mean = (sum(mean) / len(mean),) * target.in_channels
+        std = (sum(std) / len(std),) * target.in_channels
+    return pre.replace(image_size=target.image_size, mean=mean, std=std)
+
+
+# ------------------------------------------------------------------------------- from_pretrained
+def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    """Read ``source`` (a vitlab directory or a timm-layout state-dict file) into vitlab's layout."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file() and read_config_json(path).get("format") == FORMAT_TAG:
+            return load_vitlab_dir(path)
+        raise CheckpointError(
+            f"{path} is a directory without a vitlab {CONFIG_NAME}; expected config.json + {WEIGHTS_NAME}"
+        )
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: not a file or directory")
+    if path.suffix not in STATE_DICT_SUFFIXES:
+        raise CheckpointError(
+            f"unknown checkpoint type {path.name!r}: expected a vitlab directory or a file ending in "
+            f"{', '.join(STATE_DICT_SUFFIXES)}"
+        )
+    sd = read_state_dict(path)
+    config = infer_timm_config(sd, overrides)
+    return Checkpoint(sd, config, Preprocessing.for_config(config), None, "timm")
+
+
+def from_pretrained(
+    source: str | Path,
+    *,
+    preprocessing: Preprocessing | None = None,
+    class_names: Sequence[str] | None = None,
+    **overrides: Any,
+) -> ViT:
+    """Load a checkpoint into a :class:`ViT`, adapted to ``overrides`` (any :class:`ViTConfig` field).
+
+    ``image_size`` resamples the position embeddings, ``num_classes`` puts on a zero-initialised head,
+    ``representation_size=None`` drops the pre-logits layer, ``in_channels=1`` sums RGB filters.
+    """
+    unknown = sorted(set(overrides) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; overrides are ViTConfig fields: {field_names()}")
+    ckpt = load_checkpoint(source, overrides)
+    if "num_heads" in overrides and overrides["num_heads"] != ckpt.config.num_heads and ckpt.format == "vitlab":
+        raise CheckpointError(
+            f"the checkpoint has num_heads={ckpt.config.num_heads}; it cannot be changed to {overrides['num_heads']}"
+        )
+    target = ckpt.config.replace(**overrides) if overrides else ckpt.config
+    sd = adapt_state_dict(ckpt.state_dict, ckpt.config, target)
+    names = ckpt.class_names if target.num_classes == ckpt.config.num_classes else None
+    if class_names is not None:
+        names = list(class_names)
+    with torch.device("meta"):
+        model = ViT(target, preprocessing=preprocessing or adapt_preprocessing(ckpt.preprocessing, target),
+                    class_names=names)
+    _load_strict(model, sd)
+    return model.eval()
+
+
+def _load_strict(model: ViT, sd: Mapping[str, Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"checkpoint tensor {k!r} has shape {tuple(sd[k].shape)}, the model needs {tuple(v.shape)}")
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
+                          strict=True, assign=True)

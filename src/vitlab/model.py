@@ -1,0 +1,388 @@
+"""The Vision Transformer of arXiv:2010.11929, Section 3.1, Eq. (1)-(4).
+
+Step 1 cuts the image into P x P patches (N = HW / P^2); step 2 projects each flattened patch to D with
+one trainable linear map (written as a P-strided convolution, which is the same thing); step 3 prepends a
+learnable class token and adds position embeddings; step 4 runs L pre-LayerNorm blocks of multi-head
+self-attention and a two-layer GELU MLP, each with a residual, then a final LayerNorm; step 5 is the head on
+the class token (or on the mean of the patch tokens, Appendix D.3), with the optional tanh pre-logits layer
+of the ImageNet-21k checkpoints.
+
+State-dict names are those timm, DINOv2 and MAE share, so a timm ``VisionTransformer`` state dict loads
+into a token-pooled, learned-1D model with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitlab import pos_embed as pe
+from vitlab.config import Preprocessing, ViTConfig
+
+
+class PatchEmbed(nn.Module):
+    """Steps 1-2: non-overlapping P x P patches, each linearly projected to D (a strided conv)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        p = config.patch_size
+        self.patch_size = p
+        self.in_channels = config.in_channels
+        self.proj = nn.Conv2d(config.in_channels, config.hidden_dim, kernel_size=p, stride=p)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.proj(images)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D), row-major patches
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p (Huang et al. 2016)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (paper Appendix A), with an optional learned relative-position bias."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        d = config.hidden_dim
+        self.num_heads = config.num_heads
+        self.head_dim = d // config.num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(d, 3 * d, bias=config.qkv_bias)
+        self.proj = nn.Linear(d, d)
+        self.attn_drop = config.attention_dropout
+        self.proj_drop = nn.Dropout(config.dropout)
+        self.rel_pos: nn.Parameter | None = None
+        self.rel_pos_cls: nn.Parameter | None = None
+        if config.pos_embed == "relative":
+            gh, gw = config.grid_size
+            self.rel_pos = nn.Parameter(torch.zeros(config.num_heads, 2 * gh - 1, 2 * gw - 1))
+            if config.pool == "token":
+                self.rel_pos_cls = nn.Parameter(torch.zeros(config.num_heads, 3))
+
+    def _bias(self, grid: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
+        if self.rel_pos is None:
+            return None
+        return pe.relative_bias(self.rel_pos, self.rel_pos_cls, grid).to(dtype)[None]  # (1, h, T, T)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, h, T, hd)
+
+    def _merge(self, out: Tensor) -> Tensor:
+        b, _, t, _ = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self._bias(grid, q.dtype), dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return self._merge(out)
+
+    def forward_explicit(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The same computation written out, also returning the attention probabilities (B, h, T, T)."""
+        q, k, v = self._qkv(x)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self._bias(grid, q.dtype)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        dropped = F.dropout(probs, self.attn_drop, training=self.training)
+        return self._merge(dropped @ v), probs
+
+
+class Mlp(nn.Module):
+    """The two-layer MLP with a GELU non-linearity (paper Eq. 3)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_dim, config.mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(config.dropout)
+        self.fc2 = nn.Linear(config.mlp_dim, config.hidden_dim)
+        self.drop2 = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block, Eq. (2)-(3) of the paper."""
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), grid))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def forward_explicit(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        out, probs = self.attn.forward_explicit(self.norm1(x), grid)
+        x = x + self.drop_path1(out)
+        return x + self.drop_path2(self.mlp(self.norm2(x))), probs
+
+
+class PreLogits(nn.Module):
+    """The hidden layer of the pre-training head: Linear then tanh (paper Section 3.1)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class ViT(nn.Module):
+    """Vision Transformer (arXiv:2010.11929).
+
+    ``forward(images)`` takes (B, C, H, W) with H and W multiples of the patch size (learned position
+    embeddings are interpolated in 2D for a grid other than the configured one) and returns logits
+    (B, num_classes), or pooled features (B, D) when ``num_classes == 0``.
+
+    ``preprocessing`` and ``class_names`` describe the checkpoint and are saved with it.
+    """
+
+    def __init__(
+        self,
+        config: ViTConfig,
+        *,
+        zero_head: bool = False,
+        preprocessing: Preprocessing | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.preprocessing = preprocessing or Preprocessing.for_config(config)
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        if self.class_names is not None and len(self.class_names) != config.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={config.num_classes}")
+        d = config.hidden_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token: nn.Parameter | None = None
+        self.pos_embed: nn.Parameter | None = None
+        self.pos_embed_y: nn.Parameter | None = None
+        self.pos_embed_x: nn.Parameter | None = None
+        if config.pool == "token":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        gh, gw = config.grid_size
+        if config.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, config.num_prefix_tokens + gh * gw, d))
+        elif config.pos_embed == "learned_2d":
+            self.pos_embed_y = nn.Parameter(torch.zeros(gh, d // 2))
+            self.pos_embed_x = nn.Parameter(torch.zeros(gw, d // 2))
+        self.pos_drop = nn.Dropout(config.dropout)
+        n = config.num_layers  # stochastic depth rises linearly with depth, as in DeiT
+        rates = [config.drop_path * i / max(n - 1, 1) for i in range(n)]
+        self.blocks = nn.ModuleList(Block(config, drop_path=r) for r in rates)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.pre_logits: nn.Module = nn.Identity()
+        head_in = d
+        if config.representation_size is not None:
+            self.pre_logits = PreLogits(d, config.representation_size)
+            head_in = config.representation_size
+        self.head: nn.Module = nn.Linear(head_in, config.num_classes) if config.num_classes else nn.Identity()
+        self.init_weights(zero_head=zero_head)
+
+    # ----------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self, zero_head: bool = False) -> None:
+        """Truncated normal (std 0.02) for embeddings and dense layers, LeCun normal for the patch
+        projection, zero biases; the head zero-initialised on request (the paper's fine-tuning)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / fan_in))
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+        for p in (self.cls_token, self.pos_embed, self.pos_embed_y, self.pos_embed_x):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        if zero_head and isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        """Replace the head by a zero-initialised one for ``num_classes`` (0: no head)."""
+        self.config = self.config.replace(num_classes=num_classes)
+        ref = next(self.parameters())
+        head_in = self.config.representation_size or self.config.hidden_dim
+        if num_classes:
+            head = nn.Linear(head_in, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            self.head = head
+        else:
+            self.head = nn.Identity()
+        self.class_names = list(class_names) if class_names is not None else None
+
+    # -------------------------------------------------------------------------------------- forward
+    def _check(self, images: Tensor) -> tuple[int, int]:
+        c = self.config
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (batch, {c.in_channels}, H, W), got {tuple(images.shape)}")
+        _, ch, h, w = images.shape
+        if ch != c.in_channels:
+            raise ValueError(f"the model takes {c.in_channels} channel(s), got images with {ch}: {tuple(images.shape)}")
+        p = c.patch_size
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(
+                f"image size {h}x{w} is not a multiple of the patch size {p}: resize or crop to multiples of "
+                f"{p} (the model was built for {c.image_size[0]}x{c.image_size[1]})"
+            )
+        return (h // p, w // p)
+
+    def position_embeddings(self, grid: tuple[int, int]) -> Tensor | None:
+        """Absolute position embeddings for the patch grid, shape (1, prefix + N, D) for ``learned``
+        (class slot included) and (1, N, D) otherwise; None for ``relative`` and ``none``."""
+        kind = self.config.pos_embed
+        if kind == "learned":
+            assert self.pos_embed is not None
+            return pe.resample_pos_embed(
+                self.pos_embed, self.config.grid_size, grid, self.config.num_prefix_tokens
+            )
+        if kind == "learned_2d":
+            assert self.pos_embed_y is not None and self.pos_embed_x is not None
+            return pe.learned_2d(self.pos_embed_y, self.pos_embed_x, grid)[None]
+        if kind == "sincos_2d":
+            ref = self.patch_embed.proj.weight
+            return pe.sincos_2d(grid, self.config.hidden_dim).to(device=ref.device, dtype=ref.dtype)[None]
+        return None
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Eq. (1): z0 = [x_class; x_p E] + E_pos, shape (B, T, D), and the patch grid."""
+        grid = self._check(images)
+        x = self.patch_embed(images)  # (B, N, D)
+        pos = self.position_embeddings(grid)
+        if self.config.pos_embed == "learned":
+            assert pos is not None
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = x + pos
+        else:
+            if pos is not None:
+                x = x + pos
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x), grid
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """All tokens after the final LayerNorm, shape (B, T, D) (T = N + 1 with a class token)."""
+        x, grid = self.embed(images)
+        for block in self.blocks:
+            x = block(x, grid)
+        return self.norm(x)
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """The image representation y of Eq. (4): the class token, or the mean of the patch tokens."""
+        if self.config.pool == "token":
+            return tokens[:, 0]
+        return tokens.mean(dim=1)
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, then the pre-logits layer if any, then the head (unless ``pre_logits``)."""
+        x = self.pre_logits(self.pool(tokens))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
+        """Attention probabilities of every layer, each (B, heads, T, T), computed by an explicit
+        softmax(QK^T / sqrt(d) + bias) path that reproduces the fused forward."""
+        x, grid = self.embed(images)
+        maps = []
+        for block in self.blocks:
+            x, probs = block.forward_explicit(x, grid)  # type: ignore[operator]
+            maps.append(probs)
+        return maps
+
+    def forward_explicit(self, images: Tensor) -> Tensor:
+        """Logits through the explicit attention path (for testing it against the fused one)."""
+        x, grid = self.embed(images)
+        for block in self.blocks:
+            x, _ = block.forward_explicit(x, grid)  # type: ignore[operator]
+        return self.forward_head(self.norm(x))
+
+    # ------------------------------------------------------------------------------------------- io
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (architecture, preprocessing, class names) and ``model.safetensors``."""
+        from vitlab.checkpoint import save_model
+
+        return save_model(self, directory)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"image_size={c.image_size}, patch_size={c.patch_size}, hidden_dim={c.hidden_dim}, "
+            f"num_layers={c.num_layers}, num_heads={c.num_heads}, pos_embed={c.pos_embed!r}, pool={c.pool!r}"
+        )
+
+
+def create_model(name: str | ViTConfig, *, zero_head: bool = False, **overrides: Any) -> ViT:
+    """Build a randomly initialised ViT from a preset (``"B/16"``, ``"Ti/4"``, ...) or a config.
+
+    Any :class:`ViTConfig` field can be overridden: ``create_model("S/4", image_size=28, in_channels=1,
+    num_classes=10)``. Build on the meta device with ``with torch.device("meta"): ...``.
+    """
+    if isinstance(name, ViTConfig):
+        config = name.replace(**overrides) if overrides else name
+    else:
+        config = ViTConfig.from_name(name, **overrides)
+    return ViT(config, zero_head=zero_head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(config: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one forward pass, times two (FLOPs), counting matrix products only."""
+    h, w = image_size or config.image_size
+    p, d, m = config.patch_size, config.hidden_dim, config.mlp_dim
+    n = (h // p) * (w // p)
+    t = n + config.num_prefix_tokens
+    macs = n * p * p * config.in_channels * d  # patch projection
+    per_layer = 4 * t * d * d + 2 * t * t * d + 2 * t * d * m  # qkv + proj, QK^T + AV, MLP
+    macs += config.num_layers * per_layer
+    head_in = d
+    if config.representation_size is not None:
+        macs += d * config.representation_size
+        head_in = config.representation_size
+    macs += head_in * config.num_classes
+    return 2 * macs
