@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vitlab import pos_embed as pe
-from vitlab.config import Preprocessing, ViTConfig, field_names
+from vitlab.config import PosEmbed, Preprocessing, ViTConfig, field_names
 from vitlab.errors import CheckpointError
 from vitlab.io import atomic_write, atomic_write_json
 from vitlab.model import ViT
@@ -117,8 +117,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, Mapping) or not _all_tensors(obj):
         raise CheckpointError(
-            f"{path} holds no state dict of tensors (looked at the top level and under "
-            "'state_dict', 'model', 'module')"
+            f"{path} holds no state dict of tensors (looked at the top level and under 'state_dict', 'model', 'module')"
         )
     sd = {str(k): v for k, v in obj.items()}
     if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
@@ -133,7 +132,7 @@ def _all_tensors(obj: Mapping[Any, Any]) -> bool:
 def load_vitlab_dir(directory: Path) -> Checkpoint:
     meta = read_config_json(directory)
     if meta.get("format") != FORMAT_TAG:
-        raise CheckpointError(f"{directory / CONFIG_NAME} is not a vitlab config (no \"format\": \"vitlab\")")
+        raise CheckpointError(f'{directory / CONFIG_NAME} is not a vitlab config (no "format": "vitlab")')
     try:
         config = ViTConfig.from_dict(meta["architecture"])
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
@@ -180,6 +179,7 @@ def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) ->
             f"vitlab.from_pretrained(path, num_heads={max(1, d // 64)}) or --num-heads {max(1, d // 64)}"
         )
     has_cls = "cls_token" in sd
+    kind: PosEmbed
     if "pos_embed" in sd:
         kind = "learned"
     elif "pos_embed_y" in sd:
@@ -285,9 +285,7 @@ def adapt_state_dict(sd: Mapping[str, Tensor], source: ViTConfig, target: ViTCon
 def _resample_positions(sd: dict[str, Tensor], source: ViTConfig, target: ViTConfig) -> None:
     grid = target.grid_size
     if source.pos_embed == "learned":
-        sd["pos_embed"] = pe.resample_pos_embed(
-            sd["pos_embed"], source.grid_size, grid, source.num_prefix_tokens
-        )
+        sd["pos_embed"] = pe.resample_pos_embed(sd["pos_embed"], source.grid_size, grid, source.num_prefix_tokens)
     elif source.pos_embed == "learned_2d":
         sd["pos_embed_y"] = pe.resample_axis_embed(sd["pos_embed_y"], grid[0])
         sd["pos_embed_x"] = pe.resample_axis_embed(sd["pos_embed_x"], grid[1])
@@ -352,8 +350,9 @@ def from_pretrained(
     if class_names is not None:
         names = list(class_names)
     with torch.device("meta"):
-        model = ViT(target, preprocessing=preprocessing or adapt_preprocessing(ckpt.preprocessing, target),
-                    class_names=names)
+        model = ViT(
+            target, preprocessing=preprocessing or adapt_preprocessing(ckpt.preprocessing, target), class_names=names
+        )
     _load_strict(model, sd)
     return model.eval()
 
@@ -363,9 +362,14 @@ def _load_strict(model: ViT, sd: Mapping[str, Tensor]) -> None:
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+        raise CheckpointError(
+            f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}"
+        )
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"checkpoint tensor {k!r} has shape {tuple(sd[k].shape)}, the model needs {tuple(v.shape)}")
-    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
-                          strict=True, assign=True)
+            raise CheckpointError(
+                f"checkpoint tensor {k!r} has shape {tuple(sd[k].shape)}, the model needs {tuple(v.shape)}"
+            )
+    model.load_state_dict(
+        {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}, strict=True, assign=True
+    )

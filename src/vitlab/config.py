@@ -227,5 +227,3 @@ class Preprocessing:
         if "image_size" in d:
             d["image_size"] = tuple(d["image_size"])
         return cls(**d)
-
-

@@ -86,7 +86,7 @@ class Attention(nn.Module):
         return pe.relative_bias(self.rel_pos, self.rel_pos_cls, grid).to(dtype)[None]  # (1, h, T, T)
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # each (B, h, T, hd)
 
@@ -273,9 +273,7 @@ class ViT(nn.Module):
         kind = self.config.pos_embed
         if kind == "learned":
             assert self.pos_embed is not None
-            return pe.resample_pos_embed(
-                self.pos_embed, self.config.grid_size, grid, self.config.num_prefix_tokens
-            )
+            return pe.resample_pos_embed(self.pos_embed, self.config.grid_size, grid, self.config.num_prefix_tokens)
         if kind == "learned_2d":
             assert self.pos_embed_y is not None and self.pos_embed_x is not None
             return pe.learned_2d(self.pos_embed_y, self.pos_embed_x, grid)[None]

@@ -22,9 +22,7 @@ def sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> 
     if dim % 4:
         raise ValueError(f"sin-cos 2D embeddings need dim divisible by 4, got {dim}")
     gh, gw = grid
-    y, x = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij"
-    )
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
     quarter = dim // 4
     omega = torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1)
     omega = 1.0 / temperature**omega  # (dim/4,)

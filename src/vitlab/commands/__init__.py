@@ -1,0 +1,1 @@
+"""One module per ``vitlab`` subcommand, each with ``add_parser(subparsers)``."""

@@ -1,0 +1,62 @@
+"""``vitlab models``: the presets (paper Table 1) with parameters and GFLOPs per image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vitlab.commands._args import image_size
+
+EXIT_OK = 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("models", help="list model presets with parameters and GFLOPs per image")
+    p.add_argument("--image-size", type=image_size, default=224, help="input size, N or HxW (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
+    p.add_argument("--patches", type=int, nargs="+", default=[32, 16, 14], help="patch sizes to list")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitlab.config import SIZES, ViTConfig
+    from vitlab.model import ViT, count_parameters, flops_per_image
+
+    rows: list[dict[str, Any]] = []
+    for size in SIZES:
+        for patch in args.patches:
+            config = ViTConfig.from_name(f"{size}/{patch}", image_size=args.image_size, num_classes=args.num_classes)
+            with torch.device("meta"):
+                params = count_parameters(ViT(config))
+            rows.append(
+                {
+                    "name": f"{size}/{patch}",
+                    "layers": config.num_layers,
+                    "hidden_dim": config.hidden_dim,
+                    "mlp_dim": config.mlp_dim,
+                    "heads": config.num_heads,
+                    "image_size": list(config.image_size),
+                    "tokens": config.num_patches + config.num_prefix_tokens,
+                    "params": params,
+                    "gflops": round(flops_per_image(config) / 1e9, 2),
+                }
+            )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    h, w = rows[0]["image_size"]
+    print(
+        f"{'model':<7} {'layers':>6} {'width':>6} {'mlp':>6} {'heads':>5} {'tokens':>6} {'params':>13} "
+        f"{'GFLOPs':>8}   ({h}x{w}, {args.num_classes} classes)"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<7} {r['layers']:>6} {r['hidden_dim']:>6} {r['mlp_dim']:>6} {r['heads']:>5} "
+            f"{r['tokens']:>6} {r['params']:>13,} {r['gflops']:>8.2f}"
+        )
+    return EXIT_OK
