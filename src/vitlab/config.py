@@ -39,6 +39,25 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
     raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
 
 
+class _ImageSize:
+    """Dataclass field descriptor: accepts an int or (height, width), always reads back as a pair."""
+
+    def __init__(self, default: tuple[int, int]) -> None:
+        self._default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = "_" + name
+
+    def __get__(self, obj: object | None, owner: type) -> tuple[int, int]:
+        if obj is None:
+            return self._default
+        value: tuple[int, int] = obj.__dict__[self._name]
+        return value
+
+    def __set__(self, obj: object, value: int | tuple[int, int] | list[int]) -> None:
+        obj.__dict__[self._name] = _pair(value, self._name[1:])
+
+
 @dataclass(frozen=True, kw_only=True)
 class ViTConfig:
     """Architecture of a Vision Transformer (arXiv:2010.11929, Section 3.1).
@@ -47,7 +66,7 @@ class ViTConfig:
     ``num_classes=0`` builds a feature extractor without a head.
     """
 
-    image_size: tuple[int, int] = (224, 224)
+    image_size: _ImageSize = _ImageSize((224, 224))
     patch_size: int = 16
     in_channels: int = 3
     hidden_dim: int = 768
@@ -65,7 +84,6 @@ class ViTConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
         for name in ("patch_size", "in_channels", "hidden_dim", "num_layers", "num_heads", "mlp_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -177,14 +195,13 @@ class Preprocessing:
     expect pixels in [-1, 1] (mean = std = 0.5); torchvision's and many timm weights use ImageNet statistics.
     """
 
-    image_size: tuple[int, int] = (224, 224)
+    image_size: _ImageSize = _ImageSize((224, 224))
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     interpolation: Interpolation = "bicubic"
     crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != len(self.std) or not self.mean:
