@@ -1,10 +1,13 @@
 """Reading and writing model checkpoints (paper Section 3.2 for the resolution change).
 
 A vitlab checkpoint is a directory with ``config.json`` (architecture, preprocessing, class names) and
-``model.safetensors``. :func:`from_pretrained` also reads timm-layout state dicts (``.safetensors``, or
-``.pth`` / ``.bin`` / ``.pt`` read with ``torch.load(weights_only=True)``, plain or wrapped in
-``{"state_dict": ...}`` / ``{"model": ...}``). Adapting a checkpoint to another image size, class count or
-channel count is a pure function over state dicts, :func:`adapt_state_dict`.
+``model.safetensors``. :func:`from_pretrained` also reads, through the key tables of :mod:`vitlab.formats`:
+Google vit_jax and big_vision ``.npz`` (``allow_pickle=False``), HF transformers ViT directories, torchvision
+state dicts, and timm-layout state dicts (``.safetensors``, or ``.pth`` / ``.bin`` / ``.pt`` read with
+``torch.load(weights_only=True)``, plain or wrapped in ``{"state_dict": ...}`` / ``{"model": ...}``); registry
+names and URLs are downloaded by :mod:`vitlab.hub`. Adapting a checkpoint to another image size, class count
+or channel count is a pure function over state dicts, :func:`adapt_state_dict`. :func:`save_timm` and
+:func:`save_hf` write the other libraries' layouts.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vitlab import formats
 from vitlab import pos_embed as pe
-from vitlab.config import PosEmbed, Preprocessing, ViTConfig, field_names
+from vitlab.config import Interpolation, PosEmbed, Preprocessing, ViTConfig, field_names
 from vitlab.errors import CheckpointError
 from vitlab.io import atomic_write, atomic_write_json
 from vitlab.model import ViT
@@ -302,26 +306,147 @@ def adapt_preprocessing(pre: Preprocessing, target: ViTConfig) -> Preprocessing:
     return pre.replace(image_size=target.image_size, mean=mean, std=std)
 
 
-# ------------------------------------------------------------------------------- from_pretrained
-def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpoint:
-    """Read ``source`` (a vitlab directory or a timm-layout state-dict file) into vitlab's layout."""
-    path = Path(source)
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and read_config_json(path).get("format") == FORMAT_TAG:
-            return load_vitlab_dir(path)
-        raise CheckpointError(
-            f"{path} is a directory without a vitlab {CONFIG_NAME}; expected config.json + {WEIGHTS_NAME}"
-        )
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: not a file or directory")
+# ----------------------------------------------------------------------------------- other formats
+def read_npz(path: str | Path) -> dict[str, Tensor]:
+    """The arrays of a Google ``.npz`` as tensors, read with ``allow_pickle=False`` (no code ever runs)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise CheckpointError(f"refusing to load {path}: it holds pickled objects, which vitlab never runs") from e
+        raise CheckpointError(f"cannot read {path} as .npz (truncated or corrupt?): {e}") from e
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"cannot read {path} as .npz (truncated or corrupt?): {e}") from e
+
+
+_HF_RESAMPLE: dict[int, Interpolation] = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes
+
+
+def load_hf_dir(directory: Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    """An HF transformers ViT directory: config.json + model.safetensors (or sharded, or pytorch_model.bin)."""
+    hf = read_config_json(directory)
+    sd = _read_hf_weights(directory)
+    state, config, names = formats.from_hf(sd, hf, overrides)
+    pre = Preprocessing.for_config(config)
+    pre_path = directory / "preprocessor_config.json"
+    if pre_path.is_file():
+        pre = _hf_preprocessing(pre_path, pre)
+    return Checkpoint(state, config, pre, names, "hf")
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    for name in (WEIGHTS_NAME, "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return read_state_dict(directory / name)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index: {e}") from e
+            sd: dict[str, Tensor] = {}
+            for shard in shards:
+                sd.update(read_state_dict(directory / shard))
+            return sd
+    raise CheckpointError(f"{directory} has an HF config.json but no {WEIGHTS_NAME} or pytorch_model.bin")
+
+
+def _hf_preprocessing(path: Path, default: Preprocessing) -> Preprocessing:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        changes: dict[str, Any] = {}
+        if meta.get("image_mean") is not None:
+            changes["mean"] = tuple(meta["image_mean"])
+            changes["std"] = tuple(meta["image_std"])
+        size = meta.get("size")
+        if isinstance(size, dict) and "height" in size:
+            changes["image_size"] = (int(size["height"]), int(size["width"]))
+        elif isinstance(size, int):
+            changes["image_size"] = size
+        if meta.get("resample") in _HF_RESAMPLE:
+            changes["interpolation"] = _HF_RESAMPLE[meta["resample"]]
+        return default.replace(**changes)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid HF image-processor config: {e}") from e
+
+
+def load_state_dict_file(path: Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    """A single weights file: Google/big_vision ``.npz``, or a timm / torchvision / HF state dict."""
+    if path.suffix == ".npz":
+        state, config, layout = formats.from_jax(read_npz(path), overrides)
+        return Checkpoint(state, config, Preprocessing.for_config(config), None, layout)
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise CheckpointError(
-            f"unknown checkpoint type {path.name!r}: expected a vitlab directory or a file ending in "
-            f"{', '.join(STATE_DICT_SUFFIXES)}"
+            f"unknown checkpoint type {path.name!r}: expected a directory (vitlab or HF transformers) or a file "
+            f"ending in .npz, {', '.join(STATE_DICT_SUFFIXES)}"
         )
     sd = read_state_dict(path)
+    if formats.is_torchvision_state_dict(sd):
+        state, config = formats.from_torchvision(sd, overrides)
+        pre = Preprocessing.for_config(config, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
+        return Checkpoint(state, config, pre.replace(crop_pct=224 / 256), None, "torchvision")
+    if formats.is_hf_state_dict(sd):
+        raise CheckpointError(
+            f"{path} holds HF transformers ViT weights, whose architecture is in the config.json beside them: "
+            f"load the directory {path.parent} instead"
+        )
     config = infer_timm_config(sd, overrides)
     return Checkpoint(sd, config, Preprocessing.for_config(config), None, "timm")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------- from_pretrained
+def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    """Read ``source`` into vitlab's layout.
+
+    ``source`` is a registry name (``vitlab models --pretrained``), an http(s) URL (downloaded to the cache), a
+    vitlab or HF transformers directory, or a file: Google vit_jax / big_vision ``.npz``, or a timm /
+    torchvision state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``).
+    """
+    from vitlab import hub
+
+    if isinstance(source, str) and source in hub.REGISTRY:
+        entry = hub.REGISTRY[source]
+        ckpt = load_checkpoint(hub.download(entry.url, sha256=entry.sha256, size=entry.size), overrides)
+        ckpt.preprocessing = entry.preprocessing.replace(image_size=ckpt.config.image_size)
+        if ckpt.config.num_classes == entry.num_classes:
+            ckpt.class_names = hub.class_names_for(entry)
+        return ckpt
+    if hub.is_url(source):
+        return load_checkpoint(hub.download(str(source)), overrides)
+    path = Path(source)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"{path} is a directory without {CONFIG_NAME}; expected a vitlab checkpoint (config.json + "
+                f"{WEIGHTS_NAME}) or an HF transformers one"
+            )
+        meta = read_config_json(path)
+        if meta.get("format") == FORMAT_TAG:
+            return load_vitlab_dir(path)
+        if "model_type" in meta:
+            return load_hf_dir(path, overrides)
+        raise CheckpointError(f"{path / CONFIG_NAME} is neither a vitlab config nor an HF transformers one")
+    if not path.exists():
+        raise CheckpointError(
+            f"no checkpoint at {path}: not a file, a directory, an http(s) URL or a registered name "
+            "(`vitlab models --pretrained` lists the names)"
+        )
+    return load_state_dict_file(path, overrides)
+
+
+# formats whose files say how many heads there are
+_HEADS_KNOWN = ("vitlab", "vit_jax", "big_vision", "hf")
 
 
 def from_pretrained(
@@ -333,17 +458,17 @@ def from_pretrained(
 ) -> ViT:
     """Load a checkpoint into a :class:`ViT`, adapted to ``overrides`` (any :class:`ViTConfig` field).
 
-    ``image_size`` resamples the position embeddings, ``num_classes`` puts on a zero-initialised head,
-    ``representation_size=None`` drops the pre-logits layer, ``in_channels=1`` sums RGB filters.
+    ``source``: see :func:`load_checkpoint`. ``image_size`` resamples the position embeddings, ``num_classes``
+    puts on a zero-initialised head, ``representation_size=None`` drops the pre-logits layer, ``in_channels=1``
+    sums RGB filters. The model carries the checkpoint's preprocessing and class names.
     """
     unknown = sorted(set(overrides) - set(field_names()))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; overrides are ViTConfig fields: {field_names()}")
     ckpt = load_checkpoint(source, overrides)
-    if "num_heads" in overrides and overrides["num_heads"] != ckpt.config.num_heads and ckpt.format == "vitlab":
-        raise CheckpointError(
-            f"the checkpoint has num_heads={ckpt.config.num_heads}; it cannot be changed to {overrides['num_heads']}"
-        )
+    heads = overrides.get("num_heads")
+    if heads is not None and heads != ckpt.config.num_heads and ckpt.format in _HEADS_KNOWN:
+        raise CheckpointError(f"the checkpoint has num_heads={ckpt.config.num_heads}; it cannot be changed to {heads}")
     target = ckpt.config.replace(**overrides) if overrides else ckpt.config
     sd = adapt_state_dict(ckpt.state_dict, ckpt.config, target)
     names = ckpt.class_names if target.num_classes == ckpt.config.num_classes else None
@@ -355,6 +480,97 @@ def from_pretrained(
         )
     _load_strict(model, sd)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------ export (timm, HF)
+def save_timm(model: ViT, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` (timm's key names, which are vitlab's) and a timm-style ``config.json``.
+
+    ``timm.create_model(cfg["architecture"], **cfg["model_args"])`` builds the matching model.
+    """
+    from safetensors.torch import save_file
+
+    c = model.config
+    if c.pos_embed != "learned":
+        raise CheckpointError(f"timm's VisionTransformer has learned 1D position embeddings, not {c.pos_embed!r}")
+    if c.representation_size is not None:
+        raise CheckpointError(
+            "timm's VisionTransformer has no pre-logits layer: load with representation_size=None to drop it"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    h, w = c.image_size
+    model_args: dict[str, Any] = {
+        "img_size": [h, w],
+        "patch_size": c.patch_size,
+        "in_chans": c.in_channels,
+        "num_classes": c.num_classes,
+        "embed_dim": c.hidden_dim,
+        "depth": c.num_layers,
+        "num_heads": c.num_heads,
+        "mlp_ratio": c.mlp_dim / c.hidden_dim,
+        "qkv_bias": c.qkv_bias,
+    }
+    if c.pool == "gap":  # vitlab's GAP normalises before the mean: timm's fc_norm=False
+        model_args.update(class_token=False, global_pool="avg", fc_norm=False)
+    pre = model.preprocessing
+    atomic_write_json(
+        directory / CONFIG_NAME,
+        {
+            "architecture": "vit_base_patch16_224",  # overridden field by field by model_args
+            "num_classes": c.num_classes,
+            "num_features": c.hidden_dim,
+            "model_args": model_args,
+            "label_names": model.class_names,
+            "pretrained_cfg": {
+                "input_size": [c.in_channels, *pre.image_size],
+                "interpolation": pre.interpolation,
+                "mean": list(pre.mean),
+                "std": list(pre.std),
+                "crop_pct": pre.crop_pct,
+                "num_classes": c.num_classes,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+            },
+        },
+    )
+    return directory
+
+
+def save_hf(model: ViT, directory: str | Path) -> Path:
+    """Write an HF transformers ``ViTForImageClassification`` directory (config.json + model.safetensors +
+    preprocessor_config.json)."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    if not c.num_classes:
+        raise CheckpointError("HF ViTForImageClassification needs a head: load with num_classes=K")
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    tensors = {k: v.contiguous() for k, v in formats.to_hf(sd, c).items()}
+    config = formats.hf_config_dict(c, model.class_names)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_NAME, config)
+    pre = model.preprocessing
+    resample = {v: k for k, v in _HF_RESAMPLE.items()}[pre.interpolation]
+    atomic_write_json(
+        directory / "preprocessor_config.json",
+        {
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": True,
+            "size": {"height": pre.image_size[0], "width": pre.image_size[1]},
+            "resample": resample,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(pre.mean),
+            "image_std": list(pre.std),
+        },
+    )
+    return directory
 
 
 def _load_strict(model: ViT, sd: Mapping[str, Tensor]) -> None:
