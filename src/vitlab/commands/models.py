@@ -1,4 +1,5 @@
-"""``vitlab models``: the presets (paper Table 1) with parameters and GFLOPs per image."""
+"""``vitlab models``: the presets (paper Table 1) with parameters and GFLOPs per image; ``--pretrained`` lists
+the named public checkpoints instead."""
 
 from __future__ import annotations
 
@@ -17,10 +18,30 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
     p.add_argument("--patches", type=int, nargs="+", default=[32, 16, 14], help="patch sizes to list")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--pretrained", action="store_true", help="list the named public checkpoints")
     p.set_defaults(func=run)
 
 
+def run_pretrained(as_json: bool) -> int:
+    from vitlab.hub import cache_path, list_pretrained
+
+    entries = list_pretrained()
+    if as_json:
+        for e in entries:
+            print(json.dumps(e.to_dict()))
+        return EXIT_OK
+    print(f"{'name':<28} {'arch':<5} {'size':>4} {'classes':>7} {'top1':>6}  {'licence':<10} cached")
+    for e in entries:
+        top1 = f"{e.top1:.2f}" if e.top1 is not None else "-"
+        cached = "yes" if cache_path(e.url).is_file() else "no"
+        print(f"{e.name:<28} {e.arch:<5} {e.image_size:>4} {e.num_classes:>7} {top1:>6}  {e.license:<10} {cached}")
+    print("top1: ImageNet-1k top-1 (%) as evaluated by timm; `--json` gives URLs, preprocessing and sources")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        return run_pretrained(args.json)
     import torch
 
     from vitlab.config import SIZES, ViTConfig
