@@ -105,7 +105,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"refusing to load {path}: it needs code to unpickle, which vitlab never runs "
             f"(only tensors are read, with torch.load(weights_only=True)). Details: {str(e).splitlines()[0]}"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read {path} as a PyTorch file (truncated or corrupt?): {e}") from e
     return _unwrap(obj, path)
 
@@ -331,6 +331,7 @@ _HF_RESAMPLE: dict[int, Interpolation] = {0: "nearest", 2: "bilinear", 3: "bicub
 def load_hf_dir(directory: Path, overrides: Mapping[str, Any]) -> Checkpoint:
     """An HF transformers ViT directory: config.json + model.safetensors (or sharded, or pytorch_model.bin)."""
     hf = read_config_json(directory)
+    formats.check_hf_config(hf)
     sd = _read_hf_weights(directory)
     state, config, names = formats.from_hf(sd, hf, overrides)
     pre = Preprocessing.for_config(config)

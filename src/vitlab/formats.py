@@ -294,16 +294,21 @@ def is_hf_state_dict(keys: Any) -> bool:
     return any(str(k).endswith("embeddings.patch_embeddings.projection.weight") for k in keys)
 
 
-def infer_hf_config(
-    hf: Mapping[str, Any], sd: Mapping[str, Tensor], overrides: Mapping[str, Any]
-) -> tuple[ViTConfig, list[str] | None]:
-    """Architecture and class names from an HF ``config.json`` (checked against the weights)."""
+def check_hf_config(hf: Mapping[str, Any]) -> None:
+    """Refuse HF models vitlab does not compute the same way (before any weights are read)."""
     model_type = hf.get("model_type")
     if model_type != "vit":
         raise CheckpointError(f"HF model_type {model_type!r} is not supported; vitlab reads model_type 'vit'")
     act = hf.get("hidden_act", "gelu")
     if act not in HF_ACTIVATIONS:
         raise CheckpointError(f"HF hidden_act {act!r} is not supported: vitlab's MLP uses the exact GELU ('gelu')")
+
+
+def infer_hf_config(
+    hf: Mapping[str, Any], sd: Mapping[str, Tensor], overrides: Mapping[str, Any]
+) -> tuple[ViTConfig, list[str] | None]:
+    """Architecture and class names from an HF ``config.json`` (checked against the weights)."""
+    check_hf_config(hf)
     p = hf_prefix(sd)
     try:
         d = int(hf["hidden_size"])
