@@ -1,0 +1,139 @@
+"""``vitlab train``: train from scratch or fine-tune, on one process or many (torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from vitlab.augment import AugmentConfig
+
+# flag -> TrainConfig field, for the fields people change most; --set reaches every field
+_FLAGS: dict[str, tuple[str, type]] = {
+    "--data": ("data", str),
+    "--model": ("model", str),
+    "--init-from": ("init_from", str),
+    "--lr": ("lr", float),
+    "--epochs": ("epochs", float),
+    "--max-steps": ("max_steps", int),
+    "--batch-size": ("batch_size", int),
+    "--accum-steps": ("accum_steps", int),
+    "--seed": ("seed", int),
+    "--checkpoint-every": ("checkpoint_every", int),
+    "--image-size": ("image_size", int),
+    "--optimizer": ("optimizer", str),
+    "--weight-decay": ("weight_decay", float),
+    "--warmup-steps": ("warmup_steps", int),
+    "--warmup-epochs": ("warmup_epochs", float),
+    "--schedule": ("schedule", str),
+    "--clip-grad": ("clip_grad", float),
+    "--label-smoothing": ("label_smoothing", float),
+    "--ema": ("ema_decay", float),
+    "--amp": ("amp", str),
+    "--limit": ("limit", int),
+    "--val-fraction": ("val_fraction", float),
+    "--threads": ("threads", int),
+}
+
+
+def add_parser(sub: Any) -> None:
+    from vitlab.recipes import RECIPES
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a ViT",
+        description="Train from scratch or fine-tune. Multi-process: torchrun --nproc-per-node N -m vitlab train ...",
+    )
+    p.add_argument("--recipe", default="fashion-mnist-demo", choices=sorted(RECIPES), help="named recipe to start from")
+    p.add_argument("--out", required=True, help="run folder (model, training state, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    for flag, (name, kind) in _FLAGS.items():
+        p.add_argument(flag, dest=name, type=kind, default=None, help=f"override {name}")
+    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any field (JSON values): e.g. --set augment.mixup_alpha=0.8 --set model.num_layers=8",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    from vitlab.recipes import get_recipe
+
+    config = get_recipe(args.recipe)
+    changes: dict[str, Any] = {}
+    for name, _ in _FLAGS.values():
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if args.compile:
+        changes["compile"] = True
+    aug = dataclasses.asdict(config.augment)
+    model = dict(config.model_overrides)
+    if args.model is not None and args.model != config.model:
+        # a new preset: keep only the recipe's regularisation and input-size overrides
+        model = {k: v for k, v in model.items() if k in ("image_size", "dropout", "drop_path", "attention_dropout")}
+    for item in args.sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not FIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        if isinstance(value, list):
+            value = tuple(value)
+        if key.startswith("augment."):
+            if key[8:] not in aug:
+                raise ValueError(f"unknown augmentation field {key[8:]!r}; fields are {sorted(aug)}")
+            aug[key[8:]] = value
+        elif key.startswith("model."):
+            model[key[6:]] = value
+        else:
+            changes[key] = value
+    changes["augment"] = AugmentConfig(**aug)
+    changes["model_overrides"] = model
+    return config.replace(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitlab.recipes import TrainConfig
+    from vitlab.train import TrainingError, TrainingInterrupted, train
+
+    config: TrainConfig = resolve_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = train(
+            config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=log
+        )
+    except TrainingInterrupted as e:
+        log(str(e))
+        return 128 + int(e.signum)
+    except TrainingError as e:
+        log(f"vitlab train: error: {e}")
+        return 1
+    summary = {
+        "out": str(result.out),
+        "step": result.step,
+        "train_seconds": round(result.train_seconds, 1),
+        "best_val_top1": result.best_val_top1,
+        "test_top1": result.test["top1"] if result.test else None,
+        "test_top1_best_val": result.test_best["top1"] if result.test_best else None,
+    }
+    print(json.dumps(summary))
+    return 0

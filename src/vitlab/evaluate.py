@@ -1,0 +1,72 @@
+"""Accuracy of a model on in-memory images: top-1, top-5, loss and per-class accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def normalize(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (B, C, H, W) -> float, (x / 255 - mean) / std per channel."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return (images.float() - m) / s
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Logits for uint8 images, in batches, in eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i : i + batch_size].to(device), mean, std)
+            outs.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def accuracy_metrics(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> dict[str, Any]:
+    """top1 / top5 (fractions), mean cross-entropy, n, per-class accuracy and the confusion matrix."""
+    n = len(labels)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    k = logits.shape[1] if num_classes is None else num_classes
+    pred = logits.argmax(1)
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones(n, dtype=torch.long), accumulate=True)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    return {
+        "top1": (pred == labels).float().mean().item(),
+        "top5": (topk == labels[:, None]).any(1).float().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "n": n,
+        "per_class": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def evaluate_tensors(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    logits = predict_logits(model, images, mean, std, batch_size, device)
+    return accuracy_metrics(logits, labels)

@@ -1,0 +1,228 @@
+"""Training configurations as typed Python: one frozen dataclass, and named recipes that return it.
+
+Recipes: ``fashion-mnist-demo`` (minutes on a laptop CPU), ``fashion-mnist`` (the best from-scratch
+recipe here), ``paper-finetune`` and ``paper-pretrain`` (the paper's Section 4.1 / Appendix B.1 recipes),
+``deit`` (Touvron et al. 2021: AdamW, RandAugment, MixUp/CutMix, label smoothing, drop path).
+Command-line flags override any field; the resolved configuration is written as ``run_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vitlab.augment import AugmentConfig
+
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["cosine", "linear", "constant"]
+Amp = Literal["auto", "bf16", "none"]
+
+# model overrides a recipe may set on top of its preset (any ViTConfig field)
+ModelOverrides = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run needs besides the data on disk and the output folder."""
+
+    recipe: str = "custom"
+    model: str = "Ti/4"  # a preset name, e.g. "S/4"
+    model_overrides: ModelOverrides = field(default_factory=dict)
+    init_from: str | None = None  # anything vitlab.from_pretrained takes: fine-tune from it
+    data: str = "fashion-mnist"
+    val_fraction: float = 0.1
+    limit: int | None = None  # train on the first `limit` images only (quick runs)
+    image_size: int | None = None  # resize inputs (and resample positions of an --init-from model)
+    channels: int | None = None  # force 1 or 3 input channels
+    epochs: float = 10.0
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
+    batch_size: int = 128  # per process, per micro-batch
+    accum_steps: int = 1  # micro-batches per optimiser step
+    optimizer: Optimizer = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    warmup_steps: int | None = None
+    warmup_epochs: float = 1.0
+    schedule: Schedule = "cosine"
+    clip_grad: float | None = 1.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mean: tuple[float, ...] | None = None  # normalisation; None: the dataset's (scratch) or checkpoint's
+    std: tuple[float, ...] | None = None
+    amp: Amp = "auto"
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int | None = None  # optimiser steps between checkpoints (plus every epoch end)
+    eval_every: float = 1.0  # epochs between validation passes
+    eval_batch_size: int = 512
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}"),
+            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.accum_steps > 0, f"accum_steps must be > 0, got {self.accum_steps}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or None, got {self.clip_grad}"),
+            (self.optimizer in ("adamw", "adam", "sgd"), f"optimizer {self.optimizer!r} is not adamw, adam or sgd"),
+            (
+                self.schedule in ("cosine", "linear", "constant"),
+                f"schedule {self.schedule!r} is not cosine/linear/constant",
+            ),
+            (self.amp in ("auto", "bf16", "none"), f"amp {self.amp!r} is not auto, bf16 or none"),
+            (self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every must be > 0"),
+            (self.limit is None or self.limit > 0, f"limit must be > 0, got {self.limit}"),
+            (self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown training field(s) {unknown}; fields are {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        aug = d.pop("augment", {}) or {}
+        if "scale" in aug:
+            aug["scale"] = tuple(aug["scale"])
+        for key in ("betas", "mean", "std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(augment=AugmentConfig(**aug), **d)
+
+
+def fashion_mnist_demo() -> TrainConfig:
+    """Fashion-MNIST from scratch in a few minutes on two CPU cores (target: >= 88% test top-1)."""
+    return TrainConfig(
+        recipe="fashion-mnist-demo",
+        model="Ti/4",
+        model_overrides=dict(hidden_dim=96, num_layers=4, num_heads=4, mlp_dim=192),
+        data="fashion-mnist",
+        epochs=8,
+        batch_size=256,
+        lr=2e-3,
+        weight_decay=0.05,
+        warmup_epochs=0.5,
+        label_smoothing=0.1,
+        augment=AugmentConfig(crop="pad", pad=2, hflip=True),
+    )
+
+
+def fashion_mnist() -> TrainConfig:
+    """The best from-scratch Fashion-MNIST recipe found here (see docs/results.md)."""
+    return TrainConfig(
+        recipe="fashion-mnist",
+        model="Ti/4",
+        model_overrides=dict(hidden_dim=192, num_layers=6, num_heads=6, mlp_dim=384, drop_path=0.1),
+        data="fashion-mnist",
+        epochs=60,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_epochs=5,
+        label_smoothing=0.1,
+        ema_decay=0.999,
+        augment=AugmentConfig(crop="pad", pad=2, hflip=True, random_erasing=0.25, mixup_alpha=0.2, mix_prob=0.5),
+    )
+
+
+def paper_finetune() -> TrainConfig:
+    """Paper Section 4.1 / Appendix B.1.1: SGD momentum 0.9, no weight decay, clip 1, warm-up + cosine,
+    zero-initialised head, batch 512 (here 64 x 8 accumulation), 384 resolution on ImageNet."""
+    return TrainConfig(
+        recipe="paper-finetune",
+        model="B/16",
+        optimizer="sgd",
+        momentum=0.9,
+        lr=0.01,
+        min_lr=0.0,
+        weight_decay=0.0,
+        batch_size=64,
+        accum_steps=8,
+        warmup_steps=500,
+        schedule="cosine",
+        clip_grad=1.0,
+        epochs=10,
+        augment=AugmentConfig(crop="rrc", scale=(0.08, 1.0), hflip=True),
+    )
+
+
+def paper_pretrain() -> TrainConfig:
+    """Paper Section 4.1: Adam (0.9, 0.999), weight decay 0.1, 10k warm-up steps, linear decay, clip 1."""
+    return TrainConfig(
+        recipe="paper-pretrain",
+        model="B/16",
+        optimizer="adam",
+        betas=(0.9, 0.999),
+        lr=1e-3,
+        min_lr=0.0,
+        weight_decay=0.1,
+        warmup_steps=10_000,
+        schedule="linear",
+        clip_grad=1.0,
+        batch_size=128,
+        epochs=300,
+        augment=AugmentConfig(crop="rrc", scale=(0.08, 1.0), hflip=True),
+    )
+
+
+def deit() -> TrainConfig:
+    """DeiT (Touvron et al. 2021): AdamW lr 5e-4 x batch/512, wd 0.05, RandAugment(2, 9), MixUp 0.8,
+    CutMix 1.0, random erasing 0.25, label smoothing 0.1, drop path 0.1, 5 warm-up epochs, cosine."""
+    return TrainConfig(
+        recipe="deit",
+        model="S/16",
+        model_overrides=dict(drop_path=0.1),
+        optimizer="adamw",
+        lr=5e-4 * 128 / 512,
+        weight_decay=0.05,
+        batch_size=128,
+        warmup_epochs=5,
+        epochs=300,
+        label_smoothing=0.1,
+        clip_grad=None,
+        augment=AugmentConfig(
+            crop="rrc",
+            scale=(0.08, 1.0),
+            hflip=True,
+            auto_augment="randaugment",
+            random_erasing=0.25,
+            mixup_alpha=0.8,
+            cutmix_alpha=1.0,
+        ),
+    )
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "fashion-mnist-demo": fashion_mnist_demo,
+    "fashion-mnist": fashion_mnist,
+    "paper-finetune": paper_finetune,
+    "paper-pretrain": paper_pretrain,
+    "deit": deit,
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes are {sorted(RECIPES)}")
+    return RECIPES[name]()

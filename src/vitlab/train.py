@@ -1,0 +1,585 @@
+"""Training and fine-tuning (paper Section 4.1 and Appendix B.1), from one process to many with torchrun.
+
+A run folder always holds a model that ``vitlab.from_pretrained(out)`` loads (``config.json`` +
+``model.safetensors``) and the training state for an exact resume (``training_state.pt``: weights,
+optimiser, EMA, step, data position and RNG states, read back with ``torch.load(weights_only=True)``).
+Every file is replaced atomically, so a ``kill -9`` at any moment leaves the previous checkpoint whole.
+SIGINT and SIGTERM finish the current step, save, and stop. A non-finite loss stops the run before the
+update is applied; nothing non-finite is written.
+
+Data order: epoch e visits a permutation drawn from a generator seeded with (seed, e); with W processes,
+process r takes every W-th index of it. Augmentation and dropout draw from torch's global generator, whose
+state is checkpointed. With the same seed and world size, an interrupted and resumed CPU run ends with the
+same weights, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitlab.augment import BatchAugment
+from vitlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_model
+from vitlab.config import Preprocessing
+from vitlab.evaluate import evaluate_tensors
+from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
+from vitlab.model import ViT, create_model
+from vitlab.recipes import TrainConfig
+
+STATE_NAME = "training_state.pt"
+RUN_CONFIG_NAME = "run_config.json"
+METRICS_NAME = "metrics.jsonl"
+RESULTS_NAME = "results.json"
+BEST_DIR = "best"
+_RUN_FILES = (STATE_NAME, RUN_CONFIG_NAME, METRICS_NAME, RESULTS_NAME, CONFIG_NAME, WEIGHTS_NAME, "curves.png")
+
+
+class TrainingError(RuntimeError):
+    """The run could not go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM: the run saved its state and stopped; ``--resume`` continues it."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} after step {step}; the state is saved, --resume continues")
+        self.signum = signum
+        self.step = step
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group that torchrun set up (gloo on CPU, NCCL on GPU); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def _device(d: Dist) -> torch.device:
+    return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------- helpers
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: none on norms, biases, position embeddings, class token."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.startswith(("pos_embed", "cls_token")) or "rel_pos" in name
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, c.weight_decay)
+    fused = device.type == "cuda"
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+    if c.optimizer == "adam":  # the paper's Adam: L2-style decay through the gradient
+        return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=fused or None)
+
+
+def lr_at(step: int, total: int, warmup: int, c: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine or linear decay to ``min_lr`` (or constant)."""
+    if warmup and step < warmup:
+        return c.lr * (step + 1) / warmup
+    if c.schedule == "constant":
+        return c.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if c.schedule == "cosine":
+        return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return c.min_lr + (c.lr - c.min_lr) * (1 - progress)
+
+
+class EMA:
+    """Exponential moving average of the weights (Polyak averaging), kept in fp32."""
+
+    def __init__(self, model: ViT, decay: float) -> None:
+        self.decay = decay
+        self.model: ViT = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.is_floating_point():
+                e.lerp_(p.detach(), 1 - self.decay)
+            else:
+                e.copy_(p)
+
+
+def _autocast(c: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    use = c.amp == "bf16" or (c.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class _Signals:
+    """Turn SIGINT/SIGTERM into a flag checked after each optimiser step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------- the run
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    best_val_top1: float | None
+    test: dict[str, Any] | None = None
+    test_best: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    has_run = out.is_dir() and any((out / n).exists() for n in (STATE_NAME, RUN_CONFIG_NAME))
+    if resume:
+        if not (out / STATE_NAME).is_file():
+            raise ValueError(f"--resume: {out} holds no {STATE_NAME} to resume from")
+        return
+    if has_run and not overwrite:
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if has_run and overwrite:
+        for name in _RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+) -> TrainResult:
+    """Run (or resume) training as ``config`` says, writing everything under ``out``."""
+    from vitlab.datasets import load_data
+
+    out = Path(out)
+    d = init_distributed()
+    if d.main:
+        prepare_out(out, resume, overwrite)
+    if resume:
+        saved = json.loads((out / RUN_CONFIG_NAME).read_text())
+        config = TrainConfig.from_dict(saved)
+        log(f"resuming {out} with its saved configuration")
+    c = config
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    torch.manual_seed(c.seed + d.rank)
+    device = _device(d)
+
+    # ---------------------------------------------------------------- data
+    model_size = c.image_size or c.model_overrides.get("image_size")
+    data = load_data(
+        c.data, val_fraction=c.val_fraction, seed=c.seed, image_size=model_size, channels=c.channels, limit=c.limit
+    )
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    train_set = data.train
+    num_classes = len(train_set.class_names)
+    _, channels, h, w = train_set.images.shape
+    if len(train_set) < c.batch_size * d.world_size:
+        raise ValueError(
+            f"{len(train_set)} training images are fewer than one batch ({c.batch_size} x {d.world_size} "
+            "process(es)): lower --batch-size"
+        )
+
+    # --------------------------------------------------------------- model
+    arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
+    if c.init_from:
+        model = from_pretrained(c.init_from, num_classes=num_classes, image_size=(h, w), in_channels=channels, **arch)
+        mean = c.mean or _fit(model.preprocessing.mean, channels)
+        std = c.std or _fit(model.preprocessing.std, channels)
+        model.reset_classifier(num_classes)  # the paper: a zero-initialised head for the new task
+    else:
+        model = create_model(c.model, image_size=(h, w), in_channels=channels, num_classes=num_classes, **arch)
+        from vitlab.datasets import normalize_stats
+
+        stats = normalize_stats(train_set)
+        mean, std = c.mean or stats[0], c.std or stats[1]
+    model.class_names = list(train_set.class_names)
+    model.preprocessing = Preprocessing(image_size=(h, w), mean=mean, std=std, interpolation="bicubic")
+    model.to(device).train()
+    ema = EMA(model, c.ema_decay) if c.ema_decay else None
+    optimizer = build_optimizer(model, c, device)
+
+    micro_per_epoch = len(train_set) // (c.batch_size * d.world_size)
+    steps_per_epoch = max(1, micro_per_epoch // c.accum_steps)
+    total = c.max_steps or max(1, math.ceil(c.epochs * steps_per_epoch))
+    warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_epochs * steps_per_epoch)
+    warmup = min(warmup, total)
+
+    step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
+    if resume:
+        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
+        if state["world_size"] != d.world_size:
+            raise ValueError(f"the run was saved with {state['world_size']} process(es); resume with the same number")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        step, epoch, micro_pos, best_val = state["step"], state["epoch"], state["micro_pos"], state["best_val"]
+        torch.set_rng_state(state["rng"][d.rank])
+        log(f"resumed at step {step} (epoch {epoch}, batch {micro_pos})")
+
+    net: nn.Module = model
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    fwd: Callable[[Tensor], Tensor] = torch.compile(net) if c.compile else net
+    augment = BatchAugment(c.augment, mean, std, num_classes)
+
+    metrics = _Metrics(out, step, d.main)
+    if d.main:
+        atomic_write_json(out / RUN_CONFIG_NAME, c.to_dict())
+        log(
+            f"{c.recipe}: {c.model} {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{len(train_set)} train / {len(data.val)} val images, {total} steps of "
+            f"{c.batch_size}x{d.world_size}x{c.accum_steps} (global batch "
+            f"{c.batch_size * d.world_size * c.accum_steps}), {steps_per_epoch} steps per epoch"
+        )
+
+    def save(tag: str) -> None:
+        rngs = _gather_rng(d)
+        if not d.main:
+            return
+        export = ema.model if ema is not None else model
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "micro_pos": micro_pos,
+            "best_val": best_val,
+            "world_size": d.world_size,
+            "model": model.state_dict(),
+            "ema": ema.model.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "rng": rngs,
+        }
+        with atomic_path(out / STATE_NAME) as tmp:
+            torch.save(state, tmp)
+        save_model(export, out)
+        metrics.flush()
+
+    def validate() -> dict[str, Any]:
+        export = ema.model if ema is not None else model
+        if len(data.val) == 0:
+            return {}
+        r = evaluate_tensors(export, data.val.images, data.val.labels, mean, std, c.eval_batch_size, device)
+        return {"val_top1": r["top1"], "val_loss": r["loss"]}
+
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    t_last, seen_last = time.perf_counter(), 0
+    eval_every_steps = max(1, round(c.eval_every * steps_per_epoch))
+    run_loss, run_correct, run_n = 0.0, 0, 0
+    with _Signals() as signals:
+        while step < total:
+            for images, labels in _epoch_batches(train_set, c, d, epoch, micro_pos):
+                images, labels = images.to(device), labels.to(device)
+                x, target = augment(images, labels)
+                last_micro = (micro_pos + 1) % c.accum_steps == 0
+                sync = contextlib.nullcontext() if last_micro or d.world_size == 1 else net.no_sync()  # type: ignore[operator]
+                with sync, _autocast(c, device):
+                    logits = fwd(x)
+                    loss = F.cross_entropy(logits.float(), target, label_smoothing=c.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {step + 1}: stopped before applying it; "
+                        f"the last good checkpoint in {out} is kept (lower --lr or check the data)"
+                    )
+                with sync:
+                    (loss / c.accum_steps).backward()
+                micro_pos += 1
+                hard = target if target.ndim == 1 else target.argmax(1)
+                run_loss += loss.item() * len(labels)
+                run_correct += int((logits.argmax(1) == hard).sum())
+                run_n += len(labels)
+                seen_last += len(labels) * d.world_size
+                if not last_micro:
+                    continue
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(step, total, warmup, c)
+                grad_norm = _clip(model, c.clip_grad)
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"non-finite gradient norm at step {step + 1}: stopped before applying it; "
+                        f"the last good checkpoint in {out} is kept"
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+                now = time.perf_counter()
+                ips = seen_last / max(now - t_last, 1e-9)
+                row = {
+                    "step": step,
+                    "epoch": epoch + micro_pos / micro_per_epoch,
+                    "loss": run_loss / max(run_n, 1),
+                    "train_top1": run_correct / max(run_n, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "images_per_s": ips,
+                }
+                metrics.add(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_top1']:.3f}", ips=f"{ips:.0f}")
+                t_last, seen_last = now, 0
+                run_loss, run_correct, run_n = 0.0, 0, 0
+                end_of_epoch = micro_pos >= micro_per_epoch - (micro_per_epoch % c.accum_steps)
+                if step % eval_every_steps == 0 or step == total:
+                    v = validate()
+                    if v and d.main:
+                        metrics.add({"step": step, "epoch": epoch + micro_pos / micro_per_epoch, **v})
+                        log(f"step {step}: val top-1 {v['val_top1']:.4f}")
+                        if v["val_top1"] > best_val:
+                            best_val = v["val_top1"]
+                            save_model(ema.model if ema is not None else model, out / BEST_DIR)
+                interrupted = _any_rank(signals.received is not None, d)
+                if end_of_epoch:
+                    epoch, micro_pos = epoch + 1, 0
+                if (
+                    (c.checkpoint_every and step % c.checkpoint_every == 0)
+                    or end_of_epoch
+                    or interrupted
+                    or step == total
+                ):
+                    save("step")
+                if interrupted:
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingInterrupted(signals.received or signal.SIGTERM, step)
+                if step >= total or end_of_epoch:
+                    break
+            else:  # the epoch ran out of micro-batches without an optimiser step closing it
+                epoch, micro_pos = epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+
+    result = TrainResult(out=out, step=step, best_val_top1=best_val if best_val >= 0 else None, train_seconds=elapsed)
+    if d.main:
+        export = ema.model if ema is not None else model
+        if data.test is not None and len(data.test):
+            t = data.test
+            result.test = evaluate_tensors(export, t.images, t.labels, mean, std, c.eval_batch_size, device)
+            if (out / BEST_DIR / WEIGHTS_NAME).is_file():
+                best = from_pretrained(out / BEST_DIR)
+                result.test_best = evaluate_tensors(best, t.images, t.labels, mean, std, c.eval_batch_size, device)
+        summary = {
+            "step": step,
+            "train_seconds_this_session": round(elapsed, 1),
+            "best_val_top1": result.best_val_top1,
+            "test_top1_last": result.test["top1"] if result.test else None,
+            "test_top5_last": result.test["top5"] if result.test else None,
+            "test_top1_best_val": result.test_best["top1"] if result.test_best else None,
+        }
+        metrics.add({"final": True, **summary})
+        metrics.flush()
+        atomic_write_json(out / RESULTS_NAME, summary)
+        _plot_curves(out)
+    return result
+
+
+def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm is None:
+        norms = torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+        return float(norms.norm())
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _epoch_batches(data: Any, c: TrainConfig, d: Dist, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Micro-batches of epoch ``epoch`` for this process, from micro-batch ``start`` on."""
+    n = len(data)
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // d.world_size
+    mine = perm[d.rank :: d.world_size][:per_rank]
+    count = per_rank // c.batch_size
+    for i in range(start, count):
+        idx = mine[i * c.batch_size : (i + 1) * c.batch_size]
+        yield data.images[idx], data.labels[idx]
+
+
+def _gather_rng(d: Dist) -> list[Tensor]:
+    state = torch.get_rng_state()
+    if d.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * d.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _any_rank(flag: bool, d: Dist) -> bool:
+    if d.world_size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per step and per validation. On resume, rows after the
+    checkpointed step are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, step: int, main: bool) -> None:
+        self.path = out / METRICS_NAME
+        self.main = main
+        self.pending: list[dict[str, Any]] = []
+        self.writer: Any = None
+        if not main:
+            return
+        kept: list[str] = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= step and not json.loads(line).get("final"):
+                        kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.writer = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.pending.append(row)
+        if self.writer is not None and "step" in row:
+            for k, v in row.items():
+                if isinstance(v, float) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(k, v, row["step"])
+        if len(self.pending) >= 50:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.main or not self.pending:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in self.pending:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending.clear()
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _plot_curves(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_top1" in r]
+    if not steps:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot([r["step"] for r in steps], [r["train_top1"] for r in steps], lw=0.6, alpha=0.6, label="train (augmented)")
+    if vals:
+        b.plot([r["step"] for r in vals], [r["val_top1"] for r in vals], "o-", label="validation")
+    b.set_xlabel("step")
+    b.set_ylabel("top-1 accuracy")
+    b.legend()
+    fig.tight_layout()
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
