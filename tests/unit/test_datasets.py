@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import pickle
 import struct
 import zlib
 from collections import Counter
@@ -180,6 +181,41 @@ def test_malformed_idx_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 7)
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_data("mnist")
+
+
+def _write_cifar10(folder: Path) -> dict[str, np.ndarray]:
+    """Tiny pickles in the layout of the official ``cifar-10-batches-py`` (rows of 3072 bytes, channel-major)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (4, 3 * 32 * 32), dtype=np.uint8)
+        written[name] = rows
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": [0, 1, 2, 1]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird"]}, f)
+    return written
+
+
+def test_cifar_batches_read_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar
+
+    # the pickles are ours, so torchvision's checksums of the official files cannot match them
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setenv("VITLAB_DATA", str(tmp_path))
+    written = _write_cifar10(tmp_path / "cifar10" / "cifar-10-batches-py")
+    assert find_dataset_files("cifar10") == tmp_path / "cifar10" / "cifar-10-batches-py"
+    splits = load_data("cifar10", val_fraction=0.0, channels=1)
+    assert splits.test is not None
+    assert splits.train.class_names == ["airplane", "automobile", "bird"]
+    assert splits.train.images.shape == (20, 1, 32, 32) and splits.test.images.shape == (4, 1, 32, 32)
+    rgb = load_data("cifar10", val_fraction=0.0)
+    assert rgb.test is not None
+    assert torch.equal(rgb.test.images, torch.from_numpy(written["test_batch"]).view(4, 3, 32, 32))
+    assert rgb.train.labels.tolist() == [0, 1, 2, 1] * 5
+    luma = (rgb.test.images.double() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).round()
+    torch.testing.assert_close(splits.test.images[:, 0].double(), luma, atol=1, rtol=0)  # float32 rounding
 
 
 def _point_everything_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
