@@ -120,6 +120,13 @@ def load_data(
     own. ``limit`` keeps the first ``limit`` training images of a seeded per-class interleaving (the validation
     part is then carved from those) and as many test images, for quick runs. ``download`` allows torchvision to
     fetch a named dataset that is not on disk, unless the environment sets ``VITLAB_OFFLINE=1``.
+
+    A ``spec`` that is not a dataset name is a folder (write ``./mnist`` for a folder of that name): either
+    ``train/`` with ``val/`` and/or ``test/`` beside it, each holding one folder of images per class, or the class
+    folders alone, from which a test split of ``val_fraction`` per class (drawn with a fixed seed, so that runs of
+    different seeds share it) is held out before the validation split; :attr:`DataSplits.notes` says so. Classes
+    are the sorted folder names of ``train/``. Folder images default to 1 channel if every file is greyscale by its
+    PIL mode, else 3, and to the images' common size (differing sizes need ``image_size``).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
