@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/python -m vitlab models --patches 16
+	$(BIN)/python -m vitlab.demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -312,6 +312,7 @@ def train(
         rngs = _gather_rng(d)
         if not d.main:
             return
+        metrics.flush()  # first: rows past the saved step are dropped on resume, missing ones never come back
         export = ema.model if ema is not None else model
         state = {
             "step": step,
@@ -327,7 +328,6 @@ def train(
         with atomic_path(out / STATE_NAME) as tmp:
             torch.save(state, tmp)
         save_model(export, out)
-        metrics.flush()
 
     def validate() -> dict[str, Any]:
         export = ema.model if ema is not None else model

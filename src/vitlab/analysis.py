@@ -1,0 +1,74 @@
+"""The paper's analyses of what a ViT learns (Section 4.5, Figures 6 and 7, Appendix D.8).
+
+Pure functions over tensors: attention rollout (Abnar & Zuidema 2020, Figure 6), mean attention
+distance (Figure 7 right), position-embedding similarity (Figure 7 centre) and principal components of
+the patch-embedding filters (Figure 7 left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
+    """Abnar & Zuidema (2020), as used for the paper's Figure 6. maps: per layer (B, heads, T, T).
+
+    Heads are averaged, the identity is mixed in for the residual connection
+    (``residual * I + (1 - residual) * A``), rows are renormalised, and the layers are multiplied from the
+    first to the last. Returns (B, T, T): how much each output token draws on each input token.
+    """
+    if not maps:
+        raise ValueError("attention_rollout needs at least one layer of attention maps")
+    result: Tensor | None = None
+    for a in maps:
+        a = a.float().mean(dim=1)  # (B, T, T)
+        eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        a = residual * eye + (1 - residual) * a
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    assert result is not None
+    return result
+
+
+def patch_centres(grid: tuple[int, int], patch_size: int) -> Tensor:
+    """(N, 2) pixel coordinates (y, x) of the patch centres, row-major."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return (torch.stack([ys.flatten(), xs.flatten()], dim=1).float() + 0.5) * patch_size
+
+
+def mean_attention_distance(maps: Sequence[Tensor], grid: tuple[int, int], patch_size: int) -> Tensor:
+    """Figure 7 right: for each layer and head, the pixel distance between query and key patch centres,
+    weighted by the attention, averaged over queries and images. Class-token rows and columns are left
+    out (keys renormalised over patches). Returns (layers, heads)."""
+    centres = patch_centres(grid, patch_size)
+    dist = torch.cdist(centres, centres)  # (N, N)
+    n = dist.shape[0]
+    out = []
+    for a in maps:
+        a = a.float()[..., -n:, -n:]  # patch-to-patch block
+        a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        out.append((a * dist.to(a.device)).sum(-1).mean(dim=(0, 2)))  # (heads,)
+    return torch.stack(out)
+
+
+def position_similarity(pos: Tensor) -> Tensor:
+    """Figure 7 centre: cosine similarity between every pair of patch position embeddings. pos: (N, D)."""
+    normed = F.normalize(pos.float(), dim=-1)
+    return normed @ normed.T
+
+
+def filter_components(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
+    """Figure 7 left: the top ``k`` principal components of the patch-embedding filters.
+
+    weight: (D, C, P, P). Returns components (k, C, P, P) and their explained-variance fractions (k,)."""
+    d, c, p, _ = weight.shape
+    flat = weight.float().reshape(d, -1)
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    k = min(k, vh.shape[0])
+    var = s.square()
+    return vh[:k].reshape(k, c, p, p), (var[:k] / var.sum())

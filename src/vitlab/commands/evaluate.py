@@ -1,0 +1,92 @@
+"""``vitlab evaluate``: top-1, top-5, per-class accuracy and a confusion matrix on a dataset split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split")
+    p.add_argument("source", help="a checkpoint: vitlab run folder, file, registry name or URL")
+    p.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10, cifar100 or an image folder")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training, to find the same val split")
+    p.add_argument("--seed", type=int, default=0, help="as in training, to find the same val split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
+    p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
+    p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    p.set_defaults(func=run)
+
+
+def class_mapping(model_names: list[str] | None, data_names: list[str], num_classes: int) -> list[int]:
+    """For each dataset class, the model's output index: by name when the model has names, else in order."""
+    if model_names:
+        index = {n: i for i, n in enumerate(model_names)}
+        missing = [n for n in data_names if n not in index]
+        if not missing:
+            return [index[n] for n in data_names]
+        if len(data_names) != num_classes:
+            raise ValueError(f"dataset classes {missing[:5]} are not among the model's class names")
+    if len(data_names) > num_classes:
+        raise ValueError(f"the dataset has {len(data_names)} classes, the model only {num_classes}")
+    return list(range(len(data_names)))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitlab.checkpoint import from_pretrained
+    from vitlab.datasets import load_data
+    from vitlab.evaluate import accuracy_metrics, predict_logits
+
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    model = from_pretrained(args.source, **overrides).eval()
+    if not model.config.num_classes:
+        raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to evaluate")
+    pre = model.preprocessing
+    data = load_data(
+        args.data,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        image_size=model.config.image_size,
+        channels=model.config.in_channels,
+        limit=args.limit,
+    )
+    split = data.test if args.split == "test" else data.val
+    if split is None or len(split) == 0:
+        raise ValueError(f"{args.data} has no {args.split} split")
+    mapping = torch.tensor(class_mapping(model.class_names, split.class_names, model.config.num_classes))
+    logits = predict_logits(model, split.images, pre.mean, pre.std, args.batch_size)
+    logits = logits[:, mapping]  # restrict to the dataset's classes, in its order
+    m = accuracy_metrics(logits, split.labels)
+    result: dict[str, Any] = {
+        "source": str(args.source),
+        "data": args.data,
+        "split": args.split,
+        "n": m["n"],
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
+        "per_class": dict(zip(split.class_names, m["per_class"], strict=True)),
+    }
+    if data.skipped:
+        result["skipped"] = len(data.skipped)
+    if args.out:
+        from vitlab.io import atomic_write_json
+        from vitlab.report import plot_confusion
+
+        out = Path(args.out)
+        atomic_write_json(out / "metrics.json", {**result, "confusion": m["confusion"]})
+        plot_confusion(m["confusion"], split.class_names, out / "confusion.png")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.data} {args.split}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
+        for name, acc in result["per_class"].items():
+            print(f"  {name:<20} {acc:.4f}")
+    return 0

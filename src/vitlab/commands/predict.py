@@ -1,0 +1,83 @@
+"""``vitlab predict``: classify image files with a checkpoint's own preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="classify image files, folders or globs")
+    p.add_argument("source", help="a checkpoint: vitlab run folder, file, registry name or URL")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="JSON Lines: one object per input")
+    p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitlab.checkpoint import from_pretrained
+    from vitlab.evaluate import normalize
+    from vitlab.preprocess import ImageReadError, expand_inputs, load_for_model
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    model = from_pretrained(args.source, **overrides).eval()
+    pre, channels = model.preprocessing, model.config.in_channels
+    names = model.class_names
+    k = min(args.top_k, model.config.num_classes or 1)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise ValueError("no input images given")
+    failed = 0
+    results: list[dict[str, Any]] = []
+
+    def flush(batch: list[tuple[str, Any]]) -> None:
+        if not batch:
+            return
+        x = normalize(torch.stack([t for _, t in batch]), pre.mean, pre.std)
+        with torch.no_grad():
+            probs = model(x).float().softmax(-1)
+        top = probs.topk(k, dim=-1)
+        for (path, _), values, indices in zip(batch, top.values, top.indices, strict=True):
+            preds = [
+                {"index": int(i), "label": names[int(i)] if names else str(int(i)), "probability": float(v)}
+                for v, i in zip(values, indices, strict=True)
+            ]
+            emit({"path": path, "predictions": preds})
+        batch.clear()
+
+    def emit(row: dict[str, Any]) -> None:
+        results.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif "error" in row:
+            print(f"{row['path']}: error: {row['error']}", file=sys.stderr)
+        else:
+            best = row["predictions"]
+            shown = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in best)
+            print(f"{row['path']}\t{shown}")
+
+    pending: list[tuple[str, Any]] = []
+    for path in paths:
+        try:
+            pending.append((str(path), load_for_model(path, pre, channels)))
+        except ImageReadError as e:
+            flush(pending)  # keep the output in input order
+            failed += 1
+            emit({"path": str(path), "error": str(e)})
+        if len(pending) >= args.batch_size:
+            flush(pending)
+    flush(pending)
+    if failed:
+        print(f"{failed} of {len(paths)} input(s) could not be read", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK

@@ -1,0 +1,111 @@
+"""Image files to model inputs, with the checkpoint's own preprocessing.
+
+Every PIL mode becomes what the model expects: greyscale models get luma ("L"; 16-bit images scaled, not
+clipped), RGB models get RGB (alpha dropped, palettes and CMYK converted). EXIF orientation is applied.
+Decompression bombs (more pixels than PIL's limit) are refused. Resizing keeps the aspect ratio: the
+image is scaled to cover ``image_size / crop_pct`` and centre-cropped to ``image_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from vitlab.config import Preprocessing
+
+_INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image; the message says why."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open, fully decode and orient an image; raises :class:`ImageReadError` with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError("no such file")
+    if path.is_dir():
+        raise ImageReadError("is a directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as f:
+                f.load()
+                return (ImageOps.exif_transpose(f) or f).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"refused as a possible decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not an image (unknown or unreadable format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"cannot decode ({e})") from None
+
+
+def to_mode(im: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3)."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if im.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("LA", "La"):
+        im = im.getchannel(0)
+    if channels == 1:
+        return im if im.mode == "L" else im.convert("RGB").convert("L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def resize_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
+    h, w = pre.image_size
+    cover = max(h / pre.crop_pct / im.height, w / pre.crop_pct / im.width)
+    nh, nw = max(h, math.ceil(im.height * cover - 1e-6)), max(w, math.ceil(im.width * cover - 1e-6))
+    if (nh, nw) != (im.height, im.width):
+        im = im.resize((nw, nh), _INTERPOLATION[pre.interpolation])
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return im.crop((left, top, left + w, top + h))
+
+
+def to_uint8_tensor(im: Image.Image, pre: Preprocessing, channels: int) -> Tensor:
+    """(C, H, W) uint8, resized and cropped as ``pre`` says."""
+    arr = np.asarray(resize_crop(to_mode(im, channels), pre), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def load_for_model(path: str | Path, pre: Preprocessing, channels: int) -> Tensor:
+    """An image file as a uint8 (C, H, W) tensor ready for ``evaluate.normalize``."""
+    return to_uint8_tensor(open_image(path), pre, channels)
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, folders (their image files, recursively, sorted) and glob patterns, in the order given.
+
+    A name that matches nothing is kept, so that it is reported as missing."""
+    import glob
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            matches = [Path(m) for m in sorted(glob.glob(item, recursive=True)) if Path(m).is_file()]
+            out.extend(matches or [p])
+        else:
+            out.append(p)
+    return out
