@@ -192,7 +192,7 @@ def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) ->
         kind = "relative"
     else:
         kind = overrides.get("pos_embed", "none")
-    hint = _grid_hint(overrides.get("image_size"), p)
+    hint = formats.grid_hint(overrides.get("image_size"), p)
     if kind == "learned":
         n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)
         grid = pe.grid_from_tokens(n, hint)
@@ -222,13 +222,6 @@ def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) ->
         )
     except KeyError as e:
         raise CheckpointError(f"the state dict is missing the key {e}") from e
-
-
-def _grid_hint(image_size: Any, patch: int) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return (h // patch, w // patch)
 
 
 def _require(sd: Mapping[str, Tensor], keys: Sequence[str], what: str) -> None:
