@@ -72,3 +72,30 @@ def filter_components(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
     k = min(k, vh.shape[0])
     var = s.square()
     return vh[:k].reshape(k, c, p, p), (var[:k] / var.sum())
+
+
+def rollout_relevance(rollout: Tensor, num_prefix_tokens: int) -> Tensor:
+    """How much the image representation draws on each patch, from a rollout (B, T, T): the class-token
+    row with a class token, else the mean of the patch rows (global average pooling, Appendix D.3);
+    restricted to the patch columns and renormalised. Returns (B, N), rows summing to 1."""
+    rows = rollout[:, 0, num_prefix_tokens:] if num_prefix_tokens else rollout.mean(dim=1)
+    return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def centre_patches(grid: tuple[int, int]) -> Tensor:
+    """(N,) bool, row-major: the patches whose centres lie in the middle half of the image along both axes."""
+    ys = (torch.arange(grid[0]) + 0.5) / grid[0]
+    xs = (torch.arange(grid[1]) + 0.5) / grid[1]
+    iny = (ys >= 0.25) & (ys <= 0.75)
+    inx = (xs >= 0.25) & (xs <= 0.75)
+    return (iny[:, None] & inx[None, :]).flatten()
+
+
+def rollout_statistics(relevance: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Per image: the entropy (nats) of a relevance distribution over patches (B, N), and its share on
+    the :func:`centre_patches`. A uniform map has entropy log N and centre share (centre patches) / N."""
+    p = relevance.float().clamp_min(0)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+    centre = p[:, centre_patches(grid).to(p.device)].sum(dim=-1)
+    return entropy, centre
