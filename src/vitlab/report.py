@@ -160,8 +160,7 @@ def plot_position_similarity(similarity: Tensor, grid: tuple[int, int], path: st
     mosaic = _mosaic(tiles, gh, gw, pad=1)[..., 0]
     size = min(9.0, max(3.0, 0.45 * max(gh, gw)))
     fig, ax = plt.subplots(figsize=(size * gw / max(gh, gw) + 1.2, size * gh / max(gh, gw) + 0.6))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     im = ax.imshow(mosaic.numpy(), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.set_xticks([(gw + 1) * j + (gw - 1) / 2 for j in range(gw)], [str(j + 1) for j in range(gw)], fontsize=6)
     ax.set_yticks([(gh + 1) * i + (gh - 1) / 2 for i in range(gh)], [str(i + 1) for i in range(gh)], fontsize=6)
