@@ -146,8 +146,8 @@ def plot_filter_components(
               interpolation="nearest")  # fmt: skip
     ax.axis("off")
     total = float(explained.sum()) if len(explained) else 0.0
-    ax.set_title(title or f"RGB embedding filters: top {k} principal components ({100 * total:.0f}% of the variance)",
-                 fontsize=9)  # fmt: skip
+    kind = "RGB embedding filters" if c == 3 else "embedding filters"
+    ax.set_title(title or f"{kind}: top {k} principal components ({100 * total:.0f}% of the variance)", fontsize=9)
     return _save(fig, Path(path))
 
 
