@@ -202,9 +202,9 @@ def _export(
 def _check_arguments(model: ViT, out: Path, *, opset: int, batch_check: int, atol: float, exporter: Exporter) -> None:
     if exporter not in ("torchscript", "dynamo"):
         raise ExportError(f"exporter {exporter!r} is not one of ['torchscript', 'dynamo']")
-    top = _max_opset(exporter)
-    if not MIN_OPSET <= opset <= top:
-        raise ExportError(f"opset {opset} is not supported by the {exporter} exporter: use {MIN_OPSET}..{top}")
+    low, top = (MIN_OPSET if exporter == "torchscript" else 18), _max_opset(exporter)
+    if not low <= opset <= top:
+        raise ExportError(f"opset {opset} is not supported by the {exporter} exporter: use {low}..{top}")
     if batch_check < 2:
         raise ExportError(f"batch_check must be >= 2 (the check runs at batch 1 and at batch_check), got {batch_check}")
     if not atol > 0:

@@ -230,3 +230,17 @@ def test_load_onnx_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ExportError, match="cannot load"):
         load_onnx(tmp_path / "junk.onnx")
+
+
+def test_missing_onnx_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vitlab.cli import main
+    from vitlab.export import MissingDependencyError, require_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'vitlab\[export\]'"):
+        require_onnx()
+    assert main(["export", str(small_ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "vitlab[export]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

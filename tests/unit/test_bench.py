@@ -164,3 +164,15 @@ def test_cli_writes_the_json(tmp_path: Path) -> None:
     assert saved["settings"]["models"] == ["Ti/16"] and saved["results"][0]["model"] == "Ti/16"
     bad = subprocess.run([sys.executable, "-m", "vitlab", "bench", "--peers", "jax"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown peer" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compiled_variants_are_timed_beside_eager(tiny: ViTConfig) -> None:
+    out = run_benchmark(tiny_settings(tiny, peers=(), batches=(2,), repeats=1))
+    eager_only = len(out["results"])
+    out = run_benchmark(tiny_settings(tiny, peers=(), batches=(2,), repeats=1, compile=True))
+    rows = {(r["library"], r["compiled"]): r for r in out["results"]}
+    if ("vitlab", True) not in rows:  # no working compiler here: reported, not raised
+        assert any(s["library"] == "vitlab+compile" for s in out["skipped"])
+    else:
+        assert len(rows) == 2 * eager_only and rows[("vitlab", True)]["images_per_s"] > 0
