@@ -244,3 +244,31 @@ def test_missing_onnx_names_the_extra(
     assert main(["export", str(small_ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "vitlab[export]" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@torch.no_grad()
+def test_predict_runs_on_an_onnx_model_in_place_of_a_vit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``vitlab predict --onnx`` will do: the same predictions from the ONNX file as from the checkpoint."""
+    import vitlab.checkpoint
+    from vitlab.cli import main
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    export(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    assert main(["predict", str(tmp_path / "ckpt"), *images, "--json"]) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    monkeypatch.setattr(vitlab.checkpoint, "from_pretrained", lambda source, **_: load_onnx(source))
+    assert main(["predict", str(tmp_path / "m.onnx"), *images, "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [[p["label"] for p in row["predictions"]] for row in got] == [
+        [p["label"] for p in row["predictions"]] for row in expected
+    ]
+    for g, e in zip(got, expected, strict=True):
+        for pg, pe in zip(g["predictions"], e["predictions"], strict=True):
+            assert pg["probability"] == pytest.approx(pe["probability"], abs=1e-5)
