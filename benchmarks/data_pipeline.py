@@ -1,0 +1,72 @@
+"""Is the data pipeline ever the bottleneck? Time batch augmentation against the training step it feeds.
+
+For each recipe: median seconds per batch of (a) slicing the in-memory tensors + augmentation + normalisation
+and (b) the model's forward + backward + optimiser step, on the same batch size, in one process.
+
+    python benchmarks/data_pipeline.py [--recipes fashion-mnist-demo fashion-mnist deit] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.augment import BatchAugment
+from vitlab.datasets import load_data
+from vitlab.model import create_model
+from vitlab.recipes import get_recipe
+from vitlab.train import build_optimizer
+
+
+def measure(recipe: str, repeats: int) -> dict[str, object]:
+    c = get_recipe(recipe)
+    data = load_data("fashion-mnist", val_fraction=0.0).train
+    _, ch, h, w = data.images.shape
+    model = create_model(c.model, image_size=(h, w), in_channels=ch, num_classes=10, **c.model_overrides)
+    opt = build_optimizer(model, c, torch.device("cpu"))
+    aug = BatchAugment(c.augment, (0.286,), (0.353,), 10)
+    g = torch.Generator().manual_seed(0)
+    data_t, step_t = [], []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(data), (c.batch_size,), generator=g)
+        x, y = aug(data.images[idx], data.labels[idx])
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y, label_smoothing=c.label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t2 = time.perf_counter()
+        data_t.append(t1 - t0)
+        step_t.append(t2 - t1)
+    d, s = statistics.median(data_t[2:]), statistics.median(step_t[2:])
+    return {"recipe": recipe, "batch": c.batch_size, "data_s": d, "step_s": s, "data_share": d / (d + s)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--recipes", nargs="+", default=["fashion-mnist-demo", "fashion-mnist", "deit"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/data_pipeline.json")
+    args = p.parse_args()
+    rows = [measure(r, args.repeats) for r in args.recipes]
+    for r in rows:
+        print(f"{r['recipe']:<20} batch {r['batch']:>4}  data {1000 * r['data_s']:7.1f} ms  "
+              f"step {1000 * r['step_s']:7.1f} ms  data share {100 * r['data_share']:.1f}%")  # fmt: skip
+    result = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "rows": rows}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

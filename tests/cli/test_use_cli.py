@@ -1,0 +1,154 @@
+"""`vitlab evaluate` and `vitlab predict` end to end on tiny real data and files the tests write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitlab
+from vitlab.datasets import load_data
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def grey_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small 1-channel 28x28 model, briefly fitted to a Fashion-MNIST slice so that predictions vary."""
+    torch.manual_seed(0)
+    data = load_data("fashion-mnist", limit=512)
+    model = vitlab.create_model("Ti/7", image_size=28, in_channels=1, num_classes=10, hidden_dim=32, num_layers=1,
+                                num_heads=2, mlp_dim=64)  # fmt: skip
+    model.class_names = list(data.train.class_names)
+    model.preprocessing = vitlab.Preprocessing(image_size=28, mean=(0.29,), std=(0.35,))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = (data.train.images.float() / 255 - 0.29) / 0.35
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x), data.train.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("model")
+    model.save_pretrained(out)
+    return out
+
+
+def test_evaluate_json_on_fashion_mnist(grey_model: Path, tmp_path: Path) -> None:
+    r = run("evaluate", str(grey_model), "--data", "fashion-mnist", "--limit", "300", "--json", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n"] == 300
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert set(result["per_class"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                        "Sneaker", "Bag", "Ankle boot"}  # fmt: skip
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert sum(map(sum, saved["confusion"])) == 300
+
+
+def test_evaluate_on_an_image_folder_maps_classes_by_name(grey_model: Path, tmp_path: Path) -> None:
+    data = load_data("fashion-mnist", limit=40)
+    assert data.test is not None
+    keep = ["Trouser", "Bag"]  # a subset of the model's classes, in another order than the model's
+    for name in keep:
+        (tmp_path / "test" / name.replace("/", "-")).mkdir(parents=True)
+        (tmp_path / "train" / name).mkdir(parents=True)
+    for i in range(len(data.test)):
+        name = data.test.class_names[int(data.test.labels[i])]
+        if name in keep:
+            img = Image.fromarray(data.test.images[i, 0].numpy(), mode="L")
+            img.save(tmp_path / "test" / name / f"{i}.png")
+            img.save(tmp_path / "train" / name / f"{i}.png")
+    r = run("evaluate", str(grey_model), "--data", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    folder = json.loads(r.stdout.strip().splitlines()[-1])
+    # the same images through predict: the folder's accuracy is the share predicted as their own class
+    r = run("predict", str(grey_model), str(tmp_path / "test"), "--json", "--top-k", "1")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    right = sum(row["predictions"][0]["label"] == Path(row["path"]).parent.name for row in rows)
+    assert folder["n"] == len(rows)
+    # evaluate restricts the logits to the folder's classes, so it can only be right more often
+    assert folder["top1"] >= right / len(rows)
+
+
+def test_predict_json_lines_errors_and_exit_status(grey_model: Path, tmp_path: Path) -> None:
+    data = load_data("fashion-mnist", limit=20)
+    assert data.test is not None
+    good = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(data.test.images[i, 0].numpy(), mode="L").save(p)
+        good.append(p)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good[0].read_bytes()[:60])
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    missing = tmp_path / "missing.png"
+    r = run("predict", str(grey_model), str(good[0]), str(truncated), str(text), str(missing), str(good[1]),
+            str(tmp_path / "img2*.png"), "--json", "--top-k", "3")  # fmt: skip
+    assert r.returncode == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(row["path"]).name for row in rows] == ["img0.png", "cut.png", "notes.png", "missing.png",
+                                                        "img1.png", "img2.png"]  # fmt: skip
+    for row in rows:
+        if row["path"].endswith(("cut.png", "notes.png", "missing.png")):
+            assert row["error"] and "predictions" not in row
+        else:
+            preds = row["predictions"]
+            assert len(preds) == 3 and isinstance(preds[0]["index"], int) and isinstance(preds[0]["label"], str)
+            probs = [p["probability"] for p in preds]
+            assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert "no such file" in rows[3]["error"] and "not an image" in rows[2]["error"]
+    assert "3 of 6 input(s) could not be read" in r.stderr
+
+    r = run("predict", str(grey_model), *map(str, good))
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3 and "T-shirt/top" in r.stdout or "\t" in r.stdout
+
+
+def test_same_picture_grey_or_rgb_or_16_bit_gives_the_same_answer(grey_model: Path, tmp_path: Path) -> None:
+    data = load_data("fashion-mnist", limit=20)
+    assert data.test is not None
+    pixels = data.test.images[5, 0].numpy()
+    Image.fromarray(pixels, mode="L").save(tmp_path / "grey.png")
+    Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(np.stack([pixels] * 3 + [np.full_like(pixels, 255)], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # I;16
+    Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    r = run("predict", str(grey_model), str(tmp_path), "--json", "--top-k", "10")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(row["path"]).name: row["predictions"] for row in map(json.loads, r.stdout.splitlines())}
+    reference = {p["index"]: p["probability"] for p in rows["grey.png"]}
+    for name in ("rgb.png", "rgba.png", "deep.png"):
+        assert {p["index"]: pytest.approx(p["probability"], abs=1e-6) for p in rows[name]} == reference, name
+    assert rows["cmyk.jpg"][0]["index"] == rows["grey.png"][0]["index"]  # lossy JPEG: same top class
+
+
+def test_exif_orientation_is_respected(grey_model: Path, tmp_path: Path) -> None:
+    data = load_data("fashion-mnist", limit=20)
+    assert data.test is not None
+    pixels = data.test.images[3, 0].numpy()
+    Image.fromarray(pixels, mode="L").save(tmp_path / "upright.png")
+    rotated = Image.fromarray(np.rot90(pixels, k=1).copy(), mode="L")  # stored turned left; EXIF 6: turn right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    rotated.save(tmp_path / "turned.png", exif=exif)
+    r = run("predict", str(grey_model), str(tmp_path / "upright.png"), str(tmp_path / "turned.png"), "--json")
+    a, b = (json.loads(line)["predictions"] for line in r.stdout.splitlines())
+    assert [p["index"] for p in a] == [p["index"] for p in b]
+    assert a[0]["probability"] == pytest.approx(b[0]["probability"], abs=1e-6)
+
+
+def test_decompression_bomb_is_refused(grey_model: Path, tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (12000, 12000)).save(bomb)  # 144 Mpx: over PIL's limit, tiny on disk
+    r = run("predict", str(grey_model), str(bomb), "--json")
+    assert r.returncode == 1
+    assert "decompression bomb" in json.loads(r.stdout.splitlines()[0])["error"]
