@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from vitlab.recipes import get_recipe
 from vitlab.train import build_optimizer
 
 
-def measure(recipe: str, repeats: int) -> dict[str, object]:
+def measure(recipe: str, repeats: int) -> dict[str, Any]:
     c = get_recipe(recipe)
     data = load_data("fashion-mnist", val_fraction=0.0).train
     _, ch, h, w = data.images.shape
