@@ -182,3 +182,35 @@ def test_two_processes_with_torchrun_over_loopback(tmp_path: Path) -> None:
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
     vitlab.from_pretrained(out)
+
+
+_DIE_IN_THIRD_STATE_WRITE = """
+import os, signal, sys, torch
+real_save, calls = torch.save, []
+def dying_save(obj, f, *args, **kwargs):
+    calls.append(f)
+    if len(calls) == 3:  # the third training-state write: leave half a file, then die like kill -9
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = dying_save
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path: Path) -> None:
+    args = [*TINY, "--max-steps", "6", "--checkpoint-every", "1"]
+    full = tmp_path / "full"
+    assert run("train", *args, "--out", str(full)).returncode == 0
+    part = tmp_path / "part"
+    r = subprocess.run([sys.executable, "-c", _DIE_IN_THIRD_STATE_WRITE, "train", *args, "--out", str(part)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert torch.load(part / "training_state.pt", weights_only=True)["step"] == 2  # the second write, whole
+    vitlab.from_pretrained(part)
+    r = run("train", "--out", str(part), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    a, b = weights(full), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)

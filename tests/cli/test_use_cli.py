@@ -158,3 +158,21 @@ def test_decompression_bomb_is_refused(grey_model: Path, tmp_path: Path) -> None
     r = run("predict", str(grey_model), str(bomb), "--json")
     assert r.returncode == 1
     assert "decompression bomb" in json.loads(r.stdout.splitlines()[0])["error"]
+
+
+def test_predict_with_an_exported_onnx_model_matches_the_checkpoint(grey_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    data = load_data("fashion-mnist", limit=20)
+    assert data.test is not None
+    for i in range(4):
+        Image.fromarray(data.test.images[i, 0].numpy(), mode="L").save(tmp_path / f"{i}.png")
+    onnx = tmp_path / "model.onnx"
+    r = run("export", str(grey_model), "--out", str(onnx))
+    assert r.returncode == 0, r.stderr
+    a = run("predict", str(grey_model), str(tmp_path), "--json")
+    b = run("predict", "--onnx", str(onnx), str(tmp_path), "--json")
+    assert a.returncode == b.returncode == 0, b.stderr
+    for x, y in zip(a.stdout.splitlines(), b.stdout.splitlines(), strict=True):
+        px, py = json.loads(x)["predictions"], json.loads(y)["predictions"]
+        assert [p["label"] for p in px] == [p["label"] for p in py]
+        assert [p["probability"] for p in px] == pytest.approx([p["probability"] for p in py], abs=1e-5)

@@ -18,6 +18,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="JSON Lines: one object per input")
     p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
+    p.add_argument("--onnx", action="store_true", help="SOURCE is an .onnx file written by `vitlab export`")
     p.set_defaults(func=run)
 
 
@@ -31,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-    model = from_pretrained(args.source, **overrides).eval()
+    if args.onnx:
+        from vitlab.export import load_onnx
+
+        model: Any = load_onnx(args.source)
+    else:
+        model = from_pretrained(args.source, **overrides).eval()
     pre, channels = model.preprocessing, model.config.in_channels
     names = model.class_names
     k = min(args.top_k, model.config.num_classes or 1)
