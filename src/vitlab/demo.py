@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vitlab.analysis import attention_rollout
+from vitlab.analysis import attention_rollout, rollout_relevance
 from vitlab.checkpoint import from_pretrained
 from vitlab.cli import main as cli_main
 from vitlab.datasets import load_data
 from vitlab.evaluate import accuracy_metrics, normalize, predict_logits
 from vitlab.recipes import get_recipe
-from vitlab.report import markdown_table, plot_confusion, plot_rollout, plot_samples, write_report
+from vitlab.report import markdown_table, plot_confusion, plot_relevance, plot_samples, write_report
 from vitlab.train import train
 
 
@@ -62,7 +62,8 @@ def run_demo(out: Path, recipe: str = "fashion-mnist-demo", progress: bool = Tru
     log("[4/4] attention rollout (paper Figure 6) ...")
     with torch.no_grad():
         maps = model.attention_maps(normalize(test.images[pick], pre.mean, pre.std))
-    plot_rollout(test.images[pick], attention_rollout(maps), model.config.grid_size, out / "attention.png")
+    relevance = rollout_relevance(attention_rollout(maps), model.config.num_prefix_tokens)
+    plot_relevance(test.images[pick], relevance, model.config.grid_size, out / "attention.png")
 
     c = model.config
     table = markdown_table(

@@ -74,30 +74,6 @@ def plot_samples(
     return _save(fig, Path(path))
 
 
-def plot_rollout(images: Tensor, rollout: Tensor, grid: tuple[int, int], path: str | Path, cols: int = 8) -> Path:
-    """Figure 6: each image beside its attention-rollout map (class token to patches) overlaid on it."""
-    import torch.nn.functional as F
-
-    plt = _plt()
-    n = len(images)
-    h, w = images.shape[-2:]
-    cls_to_patches = rollout[:, 0, -grid[0] * grid[1] :].reshape(n, 1, *grid)
-    heat = F.interpolate(cls_to_patches, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    heat = heat / heat.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
-    rows = 2 * ((n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        r, c = 2 * (i // cols), i % cols
-        img = images[i].permute(1, 2, 0).squeeze(-1).numpy()
-        axes[r, c].imshow(img, cmap="gray" if img.ndim == 2 else None)
-        axes[r + 1, c].imshow(img, cmap="gray" if img.ndim == 2 else None)
-        axes[r + 1, c].imshow(heat[i].numpy(), cmap="jet", alpha=0.5)
-    fig.suptitle("attention rollout (Abnar & Zuidema 2020; paper Figure 6)", fontsize=9)
-    return _save(fig, Path(path))
-
-
 def markdown_table(rows: Sequence[tuple[str, str]]) -> str:
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]

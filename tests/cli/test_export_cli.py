@@ -95,29 +95,14 @@ def test_every_pos_embed_exports_with_a_dynamic_batch(
         torch.testing.assert_close(torch.from_numpy(got), model(x), atol=ATOL, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def fitted_grey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
-    """A tiny grey 28x28 model briefly fitted to a Fashion-MNIST slice (so its top-1 means something), and
-    normalised test images."""
+@pytest.fixture
+def fitted_grey(fitted_grey_model: Path) -> tuple[Path, torch.Tensor]:
+    """The shared tiny fitted grey model, and normalised Fashion-MNIST test images."""
     from vitlab.datasets import load_data
 
-    torch.manual_seed(0)
     data = load_data("fashion-mnist", limit=256)
     assert data.test is not None
-    model = vitlab.create_model("Ti/7", image_size=28, in_channels=1, num_classes=10, hidden_dim=32, num_layers=1,
-                                num_heads=2, mlp_dim=64)  # fmt: skip
-    model.class_names = list(data.train.class_names)
-    model.preprocessing = vitlab.Preprocessing(image_size=28, mean=(0.29,), std=(0.35,))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = (data.train.images.float() / 255 - 0.29) / 0.35
-    for _ in range(25):
-        loss = torch.nn.functional.cross_entropy(model(x), data.train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("grey")
-    model.save_pretrained(out)
-    return out, (data.test.images[:64].float() / 255 - 0.29) / 0.35
+    return fitted_grey_model, (data.test.images[:64].float() / 255 - 0.29) / 0.35
 
 
 @torch.no_grad()

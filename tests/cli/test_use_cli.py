@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import vitlab
 from vitlab.datasets import load_data
 
 
@@ -20,25 +18,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def grey_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small 1-channel 28x28 model, briefly fitted to a Fashion-MNIST slice so that predictions vary."""
-    torch.manual_seed(0)
-    data = load_data("fashion-mnist", limit=512)
-    model = vitlab.create_model("Ti/7", image_size=28, in_channels=1, num_classes=10, hidden_dim=32, num_layers=1,
-                                num_heads=2, mlp_dim=64)  # fmt: skip
-    model.class_names = list(data.train.class_names)
-    model.preprocessing = vitlab.Preprocessing(image_size=28, mean=(0.29,), std=(0.35,))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = (data.train.images.float() / 255 - 0.29) / 0.35
-    for _ in range(30):
-        loss = torch.nn.functional.cross_entropy(model(x), data.train.labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("model")
-    model.save_pretrained(out)
-    return out
+@pytest.fixture
+def grey_model(fitted_grey_model: Path) -> Path:
+    return fitted_grey_model
 
 
 def test_evaluate_json_on_fashion_mnist(grey_model: Path, tmp_path: Path) -> None:
