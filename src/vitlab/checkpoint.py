@@ -190,8 +190,13 @@ def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) ->
         kind = "learned_2d"
     elif "blocks.0.attn.rel_pos" in sd:
         kind = "relative"
+    elif "pos_embed" in overrides:
+        kind = overrides["pos_embed"]
     else:
-        kind = overrides.get("pos_embed", "none")
+        raise CheckpointError(
+            "the state dict has no position-embedding tensors: the model used fixed ones or none; pass "
+            "pos_embed='sincos_2d' or pos_embed='none' to from_pretrained to say which"
+        )
     hint = formats.grid_hint(overrides.get("image_size"), p)
     if kind == "learned":
         n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)

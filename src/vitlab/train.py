@@ -115,7 +115,7 @@ def build_optimizer(model: nn.Module, c: TrainConfig, device: torch.device) -> t
     fused = device.type == "cuda"
     if c.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
-    if c.optimizer == "adam":  # the paper's Adam: L2-style decay through the gradient
+    if c.optimizer == "adam":  # L2 decay through the gradient (coupled); the paper's decoupled decay is adamw
         return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, fused=fused or None)
     return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=fused or None)
 
@@ -192,7 +192,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """Refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -203,7 +203,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if has_run and not overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    if has_run and overwrite:
+    if has_run and overwrite and delete:
         for name in _RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)
@@ -224,12 +224,16 @@ def train(
 
     out = Path(out)
     d = init_distributed()
-    if d.main:
-        prepare_out(out, resume, overwrite)
+    prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
+    _barrier(d)
     if resume:
-        saved = json.loads((out / RUN_CONFIG_NAME).read_text())
-        config = TrainConfig.from_dict(saved)
-        log(f"resuming {out} with its saved configuration")
+        saved = TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
+        ignored = sorted(k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k != "recipe")
+        log(
+            f"resuming {out} with its saved configuration"
+            + (f" (ignoring given {', '.join(ignored)})" if ignored else "")
+        )
+        config = saved
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -255,6 +259,7 @@ def train(
     # --------------------------------------------------------------- model
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
+        arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
         model = from_pretrained(c.init_from, num_classes=num_classes, image_size=(h, w), in_channels=channels, **arch)
         mean = c.mean or _fit(model.preprocessing.mean, channels)
         std = c.std or _fit(model.preprocessing.std, channels)
@@ -272,10 +277,17 @@ def train(
     optimizer = build_optimizer(model, c, device)
 
     micro_per_epoch = len(train_set) // (c.batch_size * d.world_size)
+    if micro_per_epoch < c.accum_steps:
+        raise ValueError(
+            f"{len(train_set)} training images give {micro_per_epoch} micro-batch(es) of {c.batch_size} x "
+            f"{d.world_size} per epoch, fewer than accum_steps={c.accum_steps}: lower --batch-size or --accum-steps"
+        )
     steps_per_epoch = max(1, micro_per_epoch // c.accum_steps)
     total = c.max_steps or max(1, math.ceil(c.epochs * steps_per_epoch))
     warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total)
+    if warmup >= total:
+        log(f"warm-up of {warmup} steps is not shorter than the run ({total} steps): using {total // 10}")
+        warmup = total // 10
 
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
     if resume:
@@ -336,11 +348,13 @@ def train(
         r = evaluate_tensors(export, data.val.images, data.val.labels, mean, std, c.eval_batch_size, device)
         return {"val_top1": r["top1"], "val_loss": r["loss"]}
 
+    if not resume:
+        save("init")  # from the first moment, the folder holds a loadable model and a resumable state
     bar = None
     if progress and d.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     started = time.perf_counter()
     t_last, seen_last = time.perf_counter(), 0
     eval_every_steps = max(1, round(c.eval_every * steps_per_epoch))
@@ -348,19 +362,23 @@ def train(
     with _Signals() as signals:
         while step < total:
             for images, labels in _epoch_batches(train_set, c, d, epoch, micro_pos):
-                images, labels = images.to(device), labels.to(device)
+                # augment on the CPU (per-image random draws from the checkpointed CPU generator), then move
                 x, target = augment(images, labels)
+                x, target, labels = x.to(device), target.to(device), labels.to(device)
                 last_micro = (micro_pos + 1) % c.accum_steps == 0
-                sync = contextlib.nullcontext() if last_micro or d.world_size == 1 else net.no_sync()  # type: ignore[operator]
-                with sync, _autocast(c, device):
-                    logits = fwd(x)
-                    loss = F.cross_entropy(logits.float(), target, label_smoothing=c.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step + 1}: stopped before applying it; "
-                        f"the last good checkpoint in {out} is kept (lower --lr or check the data)"
-                    )
+                # DDP: no gradient all-reduce until the last micro-batch of an accumulation group
+                sync: contextlib.AbstractContextManager[Any] = (
+                    net.no_sync() if d.world_size > 1 and not last_micro else contextlib.nullcontext()  # type: ignore[operator]
+                )
                 with sync:
+                    with _autocast(c, device):
+                        logits = fwd(x)
+                        loss = F.cross_entropy(logits.float(), target, label_smoothing=c.label_smoothing)
+                    if _any_rank(not bool(torch.isfinite(loss)), d):  # every rank stops together
+                        raise TrainingError(
+                            f"non-finite loss at step {step + 1}: stopped before applying it; the last good "
+                            f"checkpoint in {out} is kept (lower --lr or check the data)"
+                        )
                     (loss / c.accum_steps).backward()
                 micro_pos += 1
                 hard = target if target.ndim == 1 else target.argmax(1)
@@ -480,6 +498,13 @@ def _epoch_batches(data: Any, c: TrainConfig, d: Dist, epoch: int, start: int) -
     for i in range(start, count):
         idx = mine[i * c.batch_size : (i + 1) * c.batch_size]
         yield data.images[idx], data.labels[idx]
+
+
+def _barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _gather_rng(d: Dist) -> list[Tensor]:

@@ -176,7 +176,8 @@ def test_fine_tune_from_a_checkpoint_resamples_and_zero_inits_the_head(tmp_path:
 def test_two_processes_with_torchrun_over_loopback(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", "29517", "-m", "vitlab", "train", *TINY, "--max-steps", "3", "--out", str(out)]  # fmt: skip
+           "--master-port", "29517", "-m", "vitlab", "train", *TINY, "--max-steps", "3", "--accum-steps", "2",
+           "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     state = torch.load(out / "training_state.pt", weights_only=True)
@@ -189,7 +190,7 @@ import os, signal, sys, torch
 real_save, calls = torch.save, []
 def dying_save(obj, f, *args, **kwargs):
     calls.append(f)
-    if len(calls) == 3:  # the third training-state write: leave half a file, then die like kill -9
+    if len(calls) == 3:  # the third state write (after step 0 and step 1): leave half a file, die like kill -9
         with open(f, "wb") as handle:
             handle.write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
@@ -208,9 +209,25 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
     r = subprocess.run([sys.executable, "-c", _DIE_IN_THIRD_STATE_WRITE, "train", *args, "--out", str(part)],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert torch.load(part / "training_state.pt", weights_only=True)["step"] == 2  # the second write, whole
+    assert torch.load(part / "training_state.pt", weights_only=True)["step"] == 1  # the second write, whole
     vitlab.from_pretrained(part)
     r = run("train", "--out", str(part), "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
     a, b = weights(full), weights(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "lr=abc"], "lr='abc' is not a float"),
+        (["--set", "batch_size=1.5"], "batch_size=1.5 is not a int"),
+        (["--set", "augment.scale=0.5"], "scale=0.5 is not a tuple"),
+        (["--set", "optimizer=lamb"], "optimizer='lamb' is not a Literal"),
+        (["--accum-steps", "64"], "fewer than accum_steps=64"),
+    ],
+)
+def test_bad_training_settings_exit_2_with_a_message(tmp_path: Path, flags: list[str], message: str) -> None:
+    r = run("train", *TINY, "--max-steps", "2", *flags, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr

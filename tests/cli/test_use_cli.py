@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vitlab
 from vitlab.datasets import load_data
 
 
@@ -158,3 +159,11 @@ def test_predict_with_an_exported_onnx_model_matches_the_checkpoint(grey_model: 
         px, py = json.loads(x)["predictions"], json.loads(y)["predictions"]
         assert [p["label"] for p in px] == [p["label"] for p in py]
         assert [p["probability"] for p in px] == pytest.approx([p["probability"] for p in py], abs=1e-5)
+
+
+def test_predict_refuses_a_model_without_a_head(tmp_path: Path) -> None:
+    vitlab.create_model("Ti/8", image_size=16, hidden_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+                        num_classes=0).save_pretrained(tmp_path / "m")  # fmt: skip
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    r = run("predict", str(tmp_path / "m"), str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "no classification head" in r.stderr

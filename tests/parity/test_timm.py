@@ -80,3 +80,14 @@ def test_resampled_position_embeddings_match_timm_dynamic_size(tmp_path: Path) -
     ours.load_state_dict(reference.state_dict(), strict=True)
     images = torch.randn(2, 3, 64, 48)
     torch.testing.assert_close(ours(images), reference(images), atol=1e-4, rtol=1e-4)
+
+
+def test_a_bare_state_dict_without_position_tensors_needs_pos_embed(tmp_path: Path) -> None:
+    model = vitlab.create_model(CONFIGS[0], pos_embed="sincos_2d").eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="pos_embed='sincos_2d' or pos_embed='none'"):
+        vitlab.from_pretrained(tmp_path / "w.safetensors", num_heads=4, image_size=32)
+    loaded = vitlab.from_pretrained(tmp_path / "w.safetensors", num_heads=4, image_size=32, pos_embed="sincos_2d")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))

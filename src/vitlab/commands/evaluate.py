@@ -13,10 +13,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("source", help="a checkpoint: vitlab run folder, file, registry name or URL")
     p.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10, cifar100 or an image folder")
     p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training, to find the same val split")
-    p.add_argument("--seed", type=int, default=0, help="as in training, to find the same val split")
+    p.add_argument("--val-fraction", type=float, default=None, help="default: the run's, else 0.1")
+    p.add_argument("--seed", type=int, default=None, help="default: the run's, else 0")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--limit", type=int, default=None, help="as training's --limit (default: the run's, else all)")
     p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
     p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
     p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
@@ -37,6 +37,15 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
     return list(range(len(data_names)))
 
 
+def _run_config(source: Path) -> dict[str, Any]:
+    path = source / "run_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -49,13 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if not model.config.num_classes:
         raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to evaluate")
     pre = model.preprocessing
+    # a run folder knows how its validation split was carved: the same seed, fraction and limit find it again
+    run = _run_config(Path(args.source))
+    run = run if run.get("data") == args.data else {}
     data = load_data(
         args.data,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
+        val_fraction=args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1),
+        seed=args.seed if args.seed is not None else run.get("seed", 0),
         image_size=model.config.image_size,
         channels=model.config.in_channels,
-        limit=args.limit,
+        limit=args.limit if args.limit is not None else run.get("limit"),
     )
     split = data.test if args.split == "test" else data.val
     if split is None or len(split) == 0:

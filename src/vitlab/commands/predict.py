@@ -35,9 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx:
         from vitlab.export import load_onnx
 
-        model: Any = load_onnx(args.source)
+        try:
+            model: Any = load_onnx(args.source)
+        except ImportError as e:  # onnxruntime missing: a usage problem, not a crash
+            raise ValueError(str(e)) from None
     else:
         model = from_pretrained(args.source, **overrides).eval()
+    if not model.config.num_classes:
+        raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to predict")
     pre, channels = model.preprocessing, model.config.in_channels
     names = model.class_names
     k = min(args.top_k, model.config.num_classes or 1)

@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
-    from vitlab.recipes import get_recipe
+    from vitlab.recipes import TrainConfig, coerce, get_recipe
 
     config = get_recipe(args.recipe)
     changes: dict[str, Any] = {}
@@ -95,11 +95,11 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if key.startswith("augment."):
             if key[8:] not in aug:
                 raise ValueError(f"unknown augmentation field {key[8:]!r}; fields are {sorted(aug)}")
-            aug[key[8:]] = value
+            aug[key[8:]] = coerce(AugmentConfig, key[8:], value)
         elif key.startswith("model."):
             model[key[6:]] = value
         else:
-            changes[key] = value
+            changes[key] = coerce(TrainConfig, key, value)
     changes["augment"] = AugmentConfig(**aug)
     changes["model_overrides"] = model
     return config.replace(**changes)
