@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow lint demo clean
+.PHONY: venv test test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m vitlab.demo --out runs/demo
+
+# Speed lives here, never in the test suite. Results go to benchmarks/results/ with the command in each file.
+bench: $(STAMP)
+	$(BIN)/vitlab bench --models S/16,B/16 --batch 1,16 --repeats 3 --out benchmarks/results/inference_cpu.json
+	$(BIN)/python benchmarks/data_pipeline.py --repeats 8
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

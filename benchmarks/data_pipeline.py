@@ -9,6 +9,7 @@ and (b) the model's forward + backward + optimiser step, on the same batch size,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.augment import BatchAugment
+from vitlab.config import ViTConfig
 from vitlab.datasets import load_data
 from vitlab.model import create_model
 from vitlab.recipes import get_recipe
@@ -31,7 +33,10 @@ def measure(recipe: str, repeats: int) -> dict[str, Any]:
     c = get_recipe(recipe)
     data = load_data("fashion-mnist", val_fraction=0.0).train
     _, ch, h, w = data.images.shape
-    model = create_model(c.model, image_size=(h, w), in_channels=ch, num_classes=10, **c.model_overrides)
+    overrides = dict(c.model_overrides)
+    if h % ViTConfig.from_name(c.model).patch_size:
+        overrides["patch_size"] = 7  # e.g. deit's S/16 on 28x28 images: same width and depth, 7x7 patches
+    model = create_model(c.model, image_size=(h, w), in_channels=ch, num_classes=10, **overrides)
     opt = build_optimizer(model, c, torch.device("cpu"))
     aug = BatchAugment(c.augment, (0.286,), (0.353,), 10)
     g = torch.Generator().manual_seed(0)
@@ -49,7 +54,8 @@ def measure(recipe: str, repeats: int) -> dict[str, Any]:
         data_t.append(t1 - t0)
         step_t.append(t2 - t1)
     d, s = statistics.median(data_t[2:]), statistics.median(step_t[2:])
-    return {"recipe": recipe, "batch": c.batch_size, "data_s": d, "step_s": s, "data_share": d / (d + s)}
+    return {"recipe": recipe, "model": c.model, "model_overrides": overrides, "batch": c.batch_size,
+            "augment": dataclasses.asdict(c.augment), "data_s": d, "step_s": s, "data_share": d / (d + s)}  # fmt: skip
 
 
 def main() -> None:
