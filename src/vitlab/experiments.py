@@ -54,8 +54,8 @@ class Experiment:
 def vit_config(quick: bool, seed: int, **changes: Any) -> TrainConfig:
     """The ViT every experiment starts from: the demo recipe's small model (tiny in quick mode)."""
     if quick:
-        arch: dict[str, Any] = dict(hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64)
-        base: dict[str, Any] = dict(limit=1000, max_steps=20, batch_size=32, warmup_steps=2, eval_every=100.0)
+        arch: dict[str, Any] = dict(hidden_dim=64, num_layers=2, num_heads=4, mlp_dim=128)
+        base: dict[str, Any] = dict(limit=2000, max_steps=200, batch_size=64, warmup_steps=20, eval_every=100.0)
     else:
         arch = dict(hidden_dim=128, num_layers=6, num_heads=4, mlp_dim=256)
         base = dict(max_steps=1000, batch_size=128, warmup_steps=100)
@@ -156,7 +156,7 @@ def train_resnet(c: TrainConfig, test: ImageTensors) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- experiments
 def inductive_bias(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]], str]:
     sizes = (1000, 3000) if quick else (1000, 3000, 10_000, 30_000, 60_000)
-    steps, batch = (15, 32) if quick else (150, 64)
+    steps, batch = (30, 32) if quick else (150, 64)
     test = _common_test(quick, seed, full_size=5000)
     rows = []
     for size in sizes:
@@ -230,7 +230,7 @@ def patch_size(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]],
     from vitlab.model import create_model, flops_per_image
 
     test = _common_test(quick, seed)
-    steps = 10 if quick else 300
+    steps = 60 if quick else 300
     rows = []
     for p in (2, 4, 7, 14):
         c = vit_config(quick, seed, model=f"Ti/{p}", max_steps=steps, warmup_steps=max(1, steps // 10))
@@ -278,14 +278,14 @@ def transfer(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]], s
     test_limit = 100 if quick else None
     up = _classes(full.train, upstream, g, per_class=pool_limit)
     up_test = _classes(full.test, upstream, g, per_class=test_limit)
-    down_pool = _classes(full.train, downstream, g)
+    down_pool = _classes(full.train, downstream, g, per_class=pool_limit)
     down_test = _classes(full.test, downstream, g, per_class=test_limit)
     down_val, down_rest = _split_per_class(down_pool, val_per_class, g)
     up_val, up_train = _split_per_class(up, val_per_class, g)
 
     data_dir = out / "data"
     pre_data = _write_folder(data_dir / "upstream", {"train": up_train, "val": up_val, "test": up_test})
-    pre_c = vit_config(quick, seed, data=str(pre_data), limit=None, max_steps=40 if quick else 1500)
+    pre_c = vit_config(quick, seed, data=str(pre_data), limit=None, max_steps=200 if quick else 1500)
     pre_result, pre_dir = run_vit(pre_c, out, "pretrain-upstream")
     rows: list[dict[str, Any]] = [{"method": "pre-train (classes 0-4)", "shots": None, "steps": pre_result.step,
                                    "test_top1": pre_result.test["top1"] if pre_result.test else None}]  # fmt: skip
@@ -293,7 +293,7 @@ def transfer(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]], s
     model = from_pretrained(pre_dir).eval()
     feats = {k: (extract_features(model, t.images), t.labels) for k, t in
              (("train", down_rest), ("val", down_val), ("test", down_test))}  # fmt: skip
-    ft_steps = 20 if quick else 300
+    ft_steps = 60 if quick else 300
     for shots in shots_list:
         fs = fewshot_accuracy(feats["train"], feats["val"], feats["test"], shots, num_classes=5, draws=5, seed=seed)
         rows.append({"method": "few-shot linear (frozen)", "shots": shots, "test_top1": fs.mean,
