@@ -156,7 +156,7 @@ def train_resnet(c: TrainConfig, test: ImageTensors) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- experiments
 def inductive_bias(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]], str]:
     sizes = (1000, 3000) if quick else (1000, 3000, 10_000, 30_000, 60_000)
-    steps, batch = (30, 32) if quick else (150, 64)
+    steps, batch = (30, 32) if quick else (500, 64)
     test = _common_test(quick, seed, full_size=5000)
     rows = []
     for size in sizes:
@@ -230,7 +230,7 @@ def patch_size(out: Path, quick: bool, seed: int) -> tuple[list[dict[str, Any]],
     from vitlab.model import create_model, flops_per_image
 
     test = _common_test(quick, seed)
-    steps = 60 if quick else 300
+    steps = 60 if quick else 500
     rows = []
     for p in (2, 4, 7, 14):
         c = vit_config(quick, seed, model=f"Ti/{p}", max_steps=steps, warmup_steps=max(1, steps // 10))
@@ -390,6 +390,9 @@ def _plot_lines(
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
     if logx:
         ax.set_xscale("log")
+        xs = sorted({p[0] for points in series.values() for p in points})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
