@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from vitlab.augment import BatchAugment
 from vitlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_model
 from vitlab.config import Preprocessing
+from vitlab.datasets import load_data, normalize_stats
 from vitlab.evaluate import evaluate_tensors
 from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
 from vitlab.model import ViT, create_model
@@ -220,8 +221,6 @@ def train(
     log: Callable[[str], None] = lambda s: None,
 ) -> TrainResult:
     """Run (or resume) training as ``config`` says, writing everything under ``out``."""
-    from vitlab.datasets import load_data
-
     out = Path(out)
     d = init_distributed()
     prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
@@ -261,19 +260,18 @@ def train(
     if c.init_from:
         arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
         model = from_pretrained(c.init_from, num_classes=num_classes, image_size=(h, w), in_channels=channels, **arch)
-        mean = c.mean or _fit(model.preprocessing.mean, channels)
-        std = c.std or _fit(model.preprocessing.std, channels)
+        # from_pretrained already fitted the checkpoint's statistics to the channel count
+        mean, std = c.mean or model.preprocessing.mean, c.std or model.preprocessing.std
         model.reset_classifier(num_classes)  # the paper: a zero-initialised head for the new task
     else:
         model = create_model(c.model, image_size=(h, w), in_channels=channels, num_classes=num_classes, **arch)
-        from vitlab.datasets import normalize_stats
-
         stats = normalize_stats(train_set)
         mean, std = c.mean or stats[0], c.std or stats[1]
     model.class_names = list(train_set.class_names)
     model.preprocessing = Preprocessing(image_size=(h, w), mean=mean, std=std, interpolation="bicubic")
     model.to(device).train()
     ema = EMA(model, c.ema_decay) if c.ema_decay else None
+    export = ema.model if ema is not None else model  # what is saved and evaluated
     optimizer = build_optimizer(model, c, device)
 
     micro_per_epoch = len(train_set) // (c.batch_size * d.world_size)
@@ -320,12 +318,11 @@ def train(
             f"{c.batch_size * d.world_size * c.accum_steps}), {steps_per_epoch} steps per epoch"
         )
 
-    def save(tag: str) -> None:
+    def save() -> None:
         rngs = _gather_rng(d)
         if not d.main:
             return
         metrics.flush()  # first: rows past the saved step are dropped on resume, missing ones never come back
-        export = ema.model if ema is not None else model
         state = {
             "step": step,
             "epoch": epoch,
@@ -342,14 +339,13 @@ def train(
         save_model(export, out)
 
     def validate() -> dict[str, Any]:
-        export = ema.model if ema is not None else model
         if len(data.val) == 0:
             return {}
         r = evaluate_tensors(export, data.val.images, data.val.labels, mean, std, c.eval_batch_size, device)
         return {"val_top1": r["top1"], "val_loss": r["loss"]}
 
     if not resume:
-        save("init")  # from the first moment, the folder holds a loadable model and a resumable state
+        save()  # from the first moment, the folder holds a loadable model and a resumable state
     bar = None
     if progress and d.main:
         from tqdm import tqdm
@@ -420,13 +416,13 @@ def train(
                 run_loss, run_correct, run_n = 0.0, 0, 0
                 end_of_epoch = micro_pos >= micro_per_epoch - (micro_per_epoch % c.accum_steps)
                 if step % eval_every_steps == 0 or step == total:
-                    v = validate()
-                    if v and d.main:
+                    v = validate() if d.main else {}  # rank 0 alone logs and selects the best model
+                    if v:
                         metrics.add({"step": step, "epoch": epoch + micro_pos / micro_per_epoch, **v})
                         log(f"step {step}: val top-1 {v['val_top1']:.4f}")
                         if v["val_top1"] > best_val:
                             best_val = v["val_top1"]
-                            save_model(ema.model if ema is not None else model, out / BEST_DIR)
+                            save_model(export, out / BEST_DIR)
                 interrupted = _any_rank(signals.received is not None, d)
                 if end_of_epoch:
                     epoch, micro_pos = epoch + 1, 0
@@ -436,7 +432,7 @@ def train(
                     or interrupted
                     or step == total
                 ):
-                    save("step")
+                    save()
                 if interrupted:
                     if bar is not None:
                         bar.close()
@@ -451,7 +447,6 @@ def train(
 
     result = TrainResult(out=out, step=step, best_val_top1=best_val if best_val >= 0 else None, train_seconds=elapsed)
     if d.main:
-        export = ema.model if ema is not None else model
         if data.test is not None and len(data.test):
             t = data.test
             result.test = evaluate_tensors(export, t.images, t.labels, mean, std, c.eval_batch_size, device)
@@ -471,12 +466,6 @@ def train(
         atomic_write_json(out / RESULTS_NAME, summary)
         _plot_curves(out)
     return result
-
-
-def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    if len(values) == channels:
-        return values
-    return (sum(values) / len(values),) * channels
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:
