@@ -225,9 +225,19 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
         (["--set", "augment.scale=0.5"], "scale=0.5 is not a tuple"),
         (["--set", "optimizer=lamb"], "optimizer='lamb' is not a Literal"),
         (["--accum-steps", "64"], "fewer than accum_steps=64"),
+        (["--set", "model_overrides=3"], "model_overrides needs a JSON object"),
     ],
 )
 def test_bad_training_settings_exit_2_with_a_message(tmp_path: Path, flags: list[str], message: str) -> None:
     r = run("train", *TINY, "--max-steps", "2", *flags, "--out", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_set_model_overrides_replaces_the_recipes_model_fields(tmp_path: Path) -> None:
+    r = run(
+        "train", "--recipe", "fashion-mnist-demo", "--out", str(tmp_path / "run"), "--print-config",
+        "--set", 'model_overrides={"num_layers": 8}', "--set", "model.mlp_dim=512",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model_overrides"] == {"num_layers": 8, "mlp_dim": 512}

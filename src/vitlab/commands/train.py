@@ -98,6 +98,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
             aug[key[8:]] = coerce(AugmentConfig, key[8:], value)
         elif key.startswith("model."):
             model[key[6:]] = value
+        elif key == "model_overrides":
+            if not isinstance(value, dict):
+                raise ValueError(f"--set model_overrides needs a JSON object, got {raw!r}")
+            model = dict(value)
         else:
             changes[key] = coerce(TrainConfig, key, value)
     changes["augment"] = AugmentConfig(**aug)
