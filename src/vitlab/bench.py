@@ -51,6 +51,7 @@ from vitlab.model import ViT, flops_per_image
 
 LIBRARIES: tuple[str, ...] = ("vitlab", "timm", "hf", "torchvision")
 PEERS: tuple[str, ...] = LIBRARIES[1:]
+GRAD_CKPT = "vitlab-gc"  # vitlab with activation checkpointing: timed and measured in training only
 Mode = Literal["inference", "train"]
 TRAIN_FLOP_FACTOR = 3  # backward ~ 2x forward
 _DISTRIBUTIONS = {"timm": "timm", "hf": "transformers", "torchvision": "torchvision"}
@@ -66,6 +67,8 @@ DEFINITIONS = {
     "memory_cpu": "fresh subprocess per configuration: peak_rss_mb = VmHWM during one cold step (whole "
     "process); step_rss_delta_mb = VmHWM - VmRSS just before the step, the high-water mark reset through "
     "/proc/self/clear_refs (without that reset the delta is an upper bound)",
+    "vitlab-gc": "vitlab with activation checkpointing (training only); its peak_share counts the same useful "
+    "FLOPs (3x the forward), not the recomputed forward",
     "memory_cuda": "torch.cuda.max_memory_allocated during one warm step; delta above the allocation before it",
 }
 
@@ -82,6 +85,7 @@ class BenchSettings:
     batches: tuple[int, ...] = (1, 16)
     peers: tuple[str, ...] = PEERS
     train: bool = False
+    grad_checkpointing: bool = False  # also train vitlab with activation checkpointing ("vitlab-gc" rows)
     compile: bool = False
     repeats: int = 5
     min_time: float = 1.0  # seconds of calls per timing; the call count is fixed in the warm-up
@@ -143,8 +147,10 @@ def build_model(library: str, config: ViTConfig) -> nn.Module:
 
     Raises :class:`PeerUnavailable` if the library is not installed or has no such architecture.
     """
-    if library == "vitlab":
-        return ViT(config)
+    if library in ("vitlab", GRAD_CKPT):
+        model = ViT(config)
+        model.set_grad_checkpointing(library == GRAD_CKPT)
+        return model
     if library not in PEERS:
         raise ValueError(f"unknown library {library!r}: choose from {list(LIBRARIES)}")
     c = config
@@ -465,7 +471,8 @@ def _measure_model(
 ) -> list[_Case]:
     """Build every library's model of ``config``, warm up, then time them in turns, ``repeats`` times."""
     models: dict[tuple[str, bool], nn.Module] = {}
-    for library in ("vitlab", *settings.peers):
+    ours = ("vitlab", GRAD_CKPT) if settings.grad_checkpointing and "train" in modes else ("vitlab",)
+    for library in (*ours, *settings.peers):
         torch.manual_seed(0)
         try:
             eager = build_model(library, config).to(device)
@@ -482,6 +489,8 @@ def _measure_model(
             x, y = _inputs(config, batch, device)
             group = []
             for (library, compiled), model in models.items():
+                if library == GRAD_CKPT and mode != "train":
+                    continue  # nothing is checkpointed without gradients
                 model.train(mode == "train")
                 opt = None
                 if mode == "train":
@@ -515,7 +524,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         groups.setdefault((row["model"], row["mode"], row["batch"], row["compiled"]), []).append(row)
     for group in groups.values():
-        peers = [r for r in group if r["library"] != "vitlab"]
+        peers = [r for r in group if r["library"] not in ("vitlab", GRAD_CKPT)]
         best = max(peers, key=lambda r: r["images_per_s"]) if peers else None
         for row in group:
             row["best_peer"] = best["library"] if best else None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vitlab import pos_embed as pe
 from vitlab.config import Preprocessing, ViTConfig
@@ -210,6 +211,7 @@ class ViT(nn.Module):
             self.pre_logits = PreLogits(d, config.representation_size)
             head_in = config.representation_size
         self.head: nn.Module = nn.Linear(head_in, config.num_classes) if config.num_classes else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights(zero_head=zero_head)
 
     # ----------------------------------------------------------------------------------------- init
@@ -299,11 +301,18 @@ class ViT(nn.Module):
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x), grid
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing: keep only each block's input while training and recompute the block in
+        the backward pass (less memory, about one more forward of compute). Dropout and drop path replay the
+        same random draws in the recomputation, so gradients equal those without checkpointing."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, images: Tensor) -> Tensor:
         """All tokens after the final LayerNorm, shape (B, T, D) (T = N + 1 with a class token)."""
         x, grid = self.embed(images)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, grid)
+            x = checkpoint(block, x, grid, use_reentrant=False) if recompute else block(x, grid)
         return self.norm(x)
 
     def pool(self, tokens: Tensor) -> Tensor:

@@ -59,6 +59,7 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     amp: Amp = "auto"
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     seed: int = 0
     checkpoint_every: int | None = None  # optimiser steps between checkpoints (plus every epoch end)
     eval_every: float = 1.0  # epochs between validation passes

@@ -270,6 +270,7 @@ def train(
     model.class_names = list(train_set.class_names)
     model.preprocessing = Preprocessing(image_size=(h, w), mean=mean, std=std, interpolation="bicubic")
     model.to(device).train()
+    model.set_grad_checkpointing(c.grad_checkpointing)
     ema = EMA(model, c.ema_decay) if c.ema_decay else None
     export = ema.model if ema is not None else model  # what is saved and evaluated
     optimizer = build_optimizer(model, c, device)

@@ -241,3 +241,14 @@ def test_set_model_overrides_replaces_the_recipes_model_fields(tmp_path: Path) -
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model_overrides"] == {"num_layers": 8, "mlp_dim": 512}
+
+
+def test_grad_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:
+    dropout = ["--set", "model.dropout=0.1", "--set", "model.drop_path=0.1", "--max-steps", "4"]
+    plain = run("train", *TINY, *dropout, "--out", str(tmp_path / "plain"))
+    ckpt = run("train", *TINY, *dropout, "--grad-checkpointing", "--out", str(tmp_path / "ckpt"))
+    assert plain.returncode == 0 and ckpt.returncode == 0, plain.stderr + ckpt.stderr
+    assert json.loads((tmp_path / "ckpt" / "run_config.json").read_text())["grad_checkpointing"] is True
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, msg=name)

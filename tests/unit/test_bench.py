@@ -176,3 +176,14 @@ def test_compiled_variants_are_timed_beside_eager(tiny: ViTConfig) -> None:
         assert any(s["library"] == "vitlab+compile" for s in out["skipped"])
     else:
         assert len(rows) == 2 * eager_only and rows[("vitlab", True)]["images_per_s"] > 0
+
+
+def test_grad_checkpointing_rows_in_training_only(tiny: ViTConfig) -> None:
+    settings = tiny_settings(tiny, peers=INSTALLED[:1], batches=(2,), repeats=1, train=True, grad_checkpointing=True)
+    out = run_benchmark(settings)
+    rows = {(r["library"], r["mode"]): r for r in out["results"]}
+    assert ("vitlab-gc", "train") in rows and ("vitlab-gc", "inference") not in rows
+    gc_row = rows[("vitlab-gc", "train")]
+    assert gc_row["images_per_s"] > 0
+    if INSTALLED:  # a checkpointed vitlab is never anyone's peer
+        assert gc_row["best_peer"] == rows[("vitlab", "train")]["best_peer"] == INSTALLED[0]

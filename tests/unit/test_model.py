@@ -164,3 +164,36 @@ def test_from_pretrained_overrides(tiny: ViTConfig, tmp_path: Path) -> None:
         vitlab.from_pretrained(tmp_path, hidden_dim=128)
     with pytest.raises(ValueError, match="unknown override"):
         vitlab.from_pretrained(tmp_path, width=3)
+
+
+def _loss_grads_and_saved_bytes(model: torch.nn.Module, images: torch.Tensor) -> tuple[float, dict, int]:
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(images).logsumexp(dim=1).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(tiny: ViTConfig) -> None:
+    model = vitlab.create_model(tiny, dropout=0.1, attention_dropout=0.1, drop_path=0.2).train()
+    images = torch.randn(4, 3, 32, 32)
+    loss, grads, saved = _loss_grads_and_saved_bytes(model, images)
+    model.set_grad_checkpointing()
+    loss_ckpt, grads_ckpt, saved_ckpt = _loss_grads_and_saved_bytes(model, images)
+    assert loss_ckpt == loss  # the same dropout and drop-path draws
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+    assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)
+    model.eval()
+    with torch.no_grad():  # without gradients nothing is checkpointed: inference is unchanged
+        with_ckpt = model(images)
+        model.set_grad_checkpointing(False)
+        torch.testing.assert_close(with_ckpt, model(images), rtol=0, atol=0)

@@ -40,6 +40,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--models", type=_name_list, default=("S/16", "B/16"), help="presets (default S/16,B/16)")
     p.add_argument("--batch", type=_int_list, default=(1, 16), help="batch sizes (default 1,16)")
     p.add_argument("--train", action="store_true", help="also time training steps (forward+backward+AdamW)")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="with --train: also time and measure vitlab with activation checkpointing (rows 'vitlab-gc')",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd variants of every model")
     p.add_argument(
         "--peers", type=_name_list, default=("timm", "hf", "torchvision"), help="default timm,hf,torchvision; none"
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         batches=args.batch,
         peers=args.peers,
         train=args.train,
+        grad_checkpointing=args.grad_checkpointing,
         compile=args.compile,
         repeats=args.repeats,
         min_time=args.min_time,
