@@ -1,0 +1,110 @@
+"""Training throughput: ``vitlab train`` (the whole pipeline) against a plain eager AdamW loop over timm's model.
+
+The plain loop is what a user writes by hand: timm's ``VisionTransformer`` of the recipe's architecture,
+``torch.optim.AdamW``, batches sliced from float tensors already in memory and normalised, no augmentation,
+forward + cross-entropy + backward + step. vitlab's number is the steady-state images/s that ``vitlab train``
+itself logs per step in ``metrics.jsonl`` (slicing the uint8 data, augmentation, normalisation, step, metrics),
+median over the steps after ``--skip`` (warm-up, and torch.compile's compilation with ``--compile``), leaving
+out steps that ran a validation pass. The two alternate ``--rounds`` times; medians over rounds, ratios in-run.
+
+    python benchmarks/train_throughput.py [--recipe fashion-mnist] [--steps 300] [--rounds 3] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.bench import build_model, machine_info
+from vitlab.config import ViTConfig
+from vitlab.io import atomic_write_json
+from vitlab.recipes import TrainConfig, get_recipe
+from vitlab.train import train
+
+
+def _architecture(c: TrainConfig) -> ViTConfig:
+    return ViTConfig.from_name(c.model, image_size=28, in_channels=1, num_classes=10, **c.model_overrides)
+
+
+def plain_timm_loop(c: TrainConfig, steps: int, skip: int) -> float:
+    """Median images/s of a hand-written eager loop over timm's model (after ``skip`` warm-up steps)."""
+    torch.manual_seed(0)
+    model = build_model("timm", _architecture(c)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    n = 8192
+    x = torch.randn(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    b = c.batch_size
+    times = []
+    for i in range(skip + steps):
+        t0 = time.perf_counter()
+        j = (i * b) % (n - b)
+        loss = F.cross_entropy(model(x[j : j + b]), y[j : j + b], label_smoothing=c.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return b / statistics.median(times[skip:])
+
+
+def vitlab_train(c: TrainConfig, steps: int, skip: int, work: Path) -> float:
+    """Median of the images/s ``vitlab train`` logs per step, after ``skip`` steps, without validation steps."""
+    out = work / "run"
+    train(c.replace(max_steps=skip + steps, eval_every=1e6), out, overwrite=True, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validated = {r["step"] for r in rows if "val_top1" in r}
+    ips = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > skip and r["step"] not in validated]
+    return statistics.median(ips)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="fashion-mnist")
+    p.add_argument("--steps", type=int, default=300, help="timed steps per round")
+    p.add_argument("--skip", type=int, default=30, help="warm-up steps left out of the median")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="vitlab train --compile (compile time is skipped)")
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/train_throughput.json)")
+    args = p.parse_args(argv)
+    c = get_recipe(args.recipe).replace(compile=args.compile)
+    skip = max(args.skip, 60) if args.compile else args.skip
+    results: dict[str, list[float]] = {"timm_plain_eager_loop": [], "vitlab_train": []}
+    with tempfile.TemporaryDirectory(prefix="vitlab-train-throughput-") as tmp:
+        for r in range(args.rounds):
+            results["timm_plain_eager_loop"].append(plain_timm_loop(c, args.steps, args.skip))
+            results["vitlab_train"].append(vitlab_train(c, args.steps, skip, Path(tmp)))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratio = med["vitlab_train"] / med["timm_plain_eager_loop"]
+    print(f"median images/s: {med}; vitlab train / timm plain loop = {ratio:.3f}")
+    out = args.out or f"benchmarks/results/train_throughput{'_compile' if args.compile else ''}.json"
+    document: dict[str, Any] = {
+        "command": shlex.join(
+            ["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": c.to_dict(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
+        "images_per_s_per_round": results,
+        "median_images_per_s": med,
+        "ratio_vitlab_train_vs_timm_plain_loop": ratio,
+    }
+    atomic_write_json(out, document)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
