@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from vitlab.config import Preprocessing
+from vitlab.preprocess import resize_crop
+
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")  # Debian's dataset-* packages install here
@@ -112,6 +115,7 @@ def load_data(
     channels: int | None = None,
     download: bool = True,
     limit: int | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> DataSplits:
     """Load a named dataset (one of :data:`DATASETS`) or a folder of class folders into memory.
 
@@ -127,6 +131,10 @@ def load_data(
     different seeds share it) is held out before the validation split; :attr:`DataSplits.notes` says so. Classes
     are the sorted folder names of ``train/``. Folder images default to 1 channel if every file is greyscale by its
     PIL mode, else 3, and to the images' common size (differing sizes need ``image_size``).
+
+    ``preprocessing`` (a checkpoint's :class:`~vitlab.config.Preprocessing`) makes folder images go through what
+    ``vitlab predict`` does to a file: resize the short side to ``image_size / crop_pct`` with the checkpoint's
+    interpolation, then crop the centre to its ``image_size``; without it they are resized to ``image_size``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -156,7 +164,11 @@ def load_data(
             f"{str(path)!r} is a file; give a folder of class folders (or of train/, val/, test/ folders "
             f"of class folders) or a named dataset ({', '.join(DATASETS)})"
         )
-    return _load_folder(path, val_fraction=val_fraction, seed=seed, size=size, channels=channels, limit=limit)
+    if preprocessing is not None:
+        size = preprocessing.image_size
+    return _load_folder(
+        path, val_fraction=val_fraction, seed=seed, size=size, channels=channels, limit=limit, pre=preprocessing
+    )
 
 
 def find_dataset_files(name: str) -> Path:
@@ -508,14 +520,18 @@ def _to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def _decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray | None, bool, str]:
+def _decode(
+    path: Path, size: tuple[int, int] | None, pre: Preprocessing | None = None
+) -> tuple[np.ndarray | None, bool, str]:
     """(pixels, was greyscale, reason it failed). Never raises: a bad file is a reason, not a crash."""
     try:
         with Image.open(path) as opened:
             opened.load()
             grey = opened.mode in _GREY_MODES
             a = _to_array(ImageOps.exif_transpose(opened))
-        if size is not None and a.shape[:2] != size:
+        if pre is not None:
+            a = np.asarray(resize_crop(Image.fromarray(a), pre))
+        elif size is not None and a.shape[:2] != size:
             a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BICUBIC))
         return a, grey, ""
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
@@ -523,14 +539,18 @@ def _decode(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray | None
 
 
 def _decode_all(
-    paths: list[Path], labels: list[int], size: tuple[int, int] | None, skipped: list[tuple[str, str]]
+    paths: list[Path],
+    labels: list[int],
+    size: tuple[int, int] | None,
+    skipped: list[tuple[str, str]],
+    pre: Preprocessing | None = None,
 ) -> tuple[list[np.ndarray], list[bool], list[int]]:
     arrays: list[np.ndarray] = []
     greys: list[bool] = []
     kept: list[int] = []
     with ThreadPoolExecutor(max_workers=min(_DECODE_THREADS, max(1, os.cpu_count() or 1))) as pool:
         for path, label, (a, grey, reason) in zip(
-            paths, labels, pool.map(lambda p: _decode(p, size), paths), strict=True
+            paths, labels, pool.map(lambda p: _decode(p, size, pre), paths), strict=True
         ):
             if a is None:
                 skipped.append((str(path), reason))
@@ -561,6 +581,7 @@ def _load_folder(
     size: tuple[int, int] | None,
     channels: int | None,
     limit: int | None,
+    pre: Preprocessing | None = None,
 ) -> DataSplits:
     split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
     notes: list[str] = []
@@ -593,7 +614,7 @@ def _load_folder(
             empty = [classes[i] for i in np.flatnonzero(counts == 0)]
             if empty:
                 raise DataError(f"class folder(s) {', '.join(repr(c) for c in empty)} in {folder} hold no files")
-        decoded[split] = _decode_all(paths, labels, size, skipped)
+        decoded[split] = _decode_all(paths, labels, size, skipped, pre)
 
     readable = set(decoded["train"][2])
     unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]

@@ -509,3 +509,26 @@ def test_subset_and_normalize_stats() -> None:
     assert len(part) == 2 and part.labels.tolist() == [1, 0] and part.class_names == ["a", "b"]
     with pytest.raises(DataError, match="empty"):
         normalize_stats(data.subset(torch.tensor([], dtype=torch.long)))
+
+
+def test_folder_with_a_checkpoints_preprocessing_matches_predict(tmp_path: Path) -> None:
+    from vitlab.config import Preprocessing
+    from vitlab.preprocess import load_for_model
+
+    rng = np.random.default_rng(0)
+    files = []
+    for name in ("a", "b"):
+        for split in ("train", "test"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i, (h, w) in enumerate([(40, 60), (64, 30)]):  # non-square, both orientations
+                path = folder / f"{i}.png"
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+                files.append((split, path))
+    pre = Preprocessing(image_size=(16, 16), crop_pct=0.875, interpolation="bilinear")
+    data = load_data(str(tmp_path), val_fraction=0.0, channels=3, preprocessing=pre)
+    assert data.test is not None and data.test.images.shape == (4, 3, 16, 16)
+    expected = torch.stack([load_for_model(p, pre, 3) for split, p in sorted(files) if split == "test"])
+    torch.testing.assert_close(data.test.images, expected, rtol=0, atol=0)
+    squashed = load_data(str(tmp_path), val_fraction=0.0, channels=3, image_size=16)  # the plain resize differs
+    assert squashed.test is not None and not torch.equal(squashed.test.images, expected)

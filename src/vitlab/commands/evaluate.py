@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=model.config.image_size,
         channels=model.config.in_channels,
         limit=args.limit if args.limit is not None else run.get("limit"),
+        preprocessing=pre,  # folders: resize and centre-crop as the checkpoint says, as `vitlab predict` does
     )
     split = data.test if args.split == "test" else data.val
     if split is None or len(split) == 0:
