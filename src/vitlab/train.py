@@ -306,7 +306,7 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    fwd: Callable[[Tensor], Tensor] = torch.compile(net) if c.compile else net
+    fwd: Callable[[Tensor], Tensor] = _CompiledOrEager(net, log) if c.compile else net
     augment = BatchAugment(c.augment, mean, std, num_classes)
 
     metrics = _Metrics(out, step, d.main)
@@ -467,6 +467,30 @@ def train(
         atomic_write_json(out / RESULTS_NAME, summary)
         _plot_curves(out)
     return result
+
+
+class _CompiledOrEager:
+    """``torch.compile(net)``, unless compiling fails on the first batch (on CPU, inductor needs a C++
+    compiler): then the run says why and goes on eagerly. Later failures are real errors and propagate."""
+
+    def __init__(self, net: nn.Module, log: Callable[[str], None]) -> None:
+        self.eager = net
+        self.compiled: Callable[[Tensor], Tensor] = torch.compile(net)  # type: ignore[assignment]
+        self.log = log
+        self.chosen: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.chosen is not None:
+            return self.chosen(x)
+        try:
+            out = self.compiled(x)
+        except Exception as e:  # inductor raises many types (BackendCompilerFailed, InvalidCxxCompiler, ...)
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            self.log(f"torch.compile failed ({type(e).__name__}: {reason}); training without it")
+            self.chosen = self.eager
+            return self.eager(x)
+        self.chosen = self.compiled
+        return out
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

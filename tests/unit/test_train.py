@@ -1,0 +1,44 @@
+"""vitlab.train in process: behaviour that needs no subprocess (the CLI tests cover the rest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitlab.recipes import TrainConfig
+from vitlab.train import train
+
+TINY = TrainConfig(
+    model="Ti/7",
+    model_overrides=dict(hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64, dropout=0.1),
+    data="fashion-mnist",
+    limit=640,
+    batch_size=32,
+    max_steps=3,
+    threads=1,
+)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(net: Any) -> Any:
+        def fail(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # threads=1 must not outlive the test
+    logs: list[str] = []
+    train(TINY.replace(compile=True), tmp_path / "compiled", progress=False, log=logs.append)
+    train(TINY, tmp_path / "eager", progress=False)
+    assert any("torch.compile failed (RuntimeError: InvalidCxxCompiler" in line for line in logs), logs
+    # the failed attempt consumed no random numbers: the run equals an eager one bit for bit
+    a, b = (
+        load_file(str(tmp_path / "compiled" / "model.safetensors")),
+        load_file(str(tmp_path / "eager" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
