@@ -475,7 +475,7 @@ class _CompiledOrEager:
 
     def __init__(self, net: nn.Module, log: Callable[[str], None]) -> None:
         self.eager = net
-        self.compiled: Callable[[Tensor], Tensor] = torch.compile(net)  # type: ignore[assignment]
+        self.compiled: Callable[[Tensor], Tensor] = torch.compile(net)
         self.log = log
         self.chosen: Callable[[Tensor], Tensor] | None = None
 
