@@ -104,6 +104,8 @@ class BenchSettings:
                 ViTConfig.from_name(name)  # raises ValueError naming the accepted forms
         if not self.batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
             raise ValueError(f"batch sizes must be positive ints, got {list(self.batches)}")
+        if self.grad_checkpointing and not self.train:
+            raise ValueError("grad_checkpointing (--grad-checkpointing) times training steps: add train (--train)")
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ValueError(f"unknown peer(s) {unknown}: choose from {list(PEERS)}")

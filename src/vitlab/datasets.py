@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.config import Preprocessing
-from vitlab.preprocess import resize_crop
+from vitlab.preprocess import resize_crop, to_mode
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 
@@ -133,8 +133,9 @@ def load_data(
     PIL mode, else 3, and to the images' common size (differing sizes need ``image_size``).
 
     ``preprocessing`` (a checkpoint's :class:`~vitlab.config.Preprocessing`) makes folder images go through what
-    ``vitlab predict`` does to a file: resize the short side to ``image_size / crop_pct`` with the checkpoint's
-    interpolation, then crop the centre to its ``image_size``; without it they are resized to ``image_size``.
+    ``vitlab predict`` does to a file: mode conversion, resize to cover ``image_size / crop_pct`` with the
+    checkpoint's interpolation, centre crop to its ``image_size``. Without it, images of another size than
+    ``image_size`` are resized (bicubic) to cover it and centre-cropped: the same with ``crop_pct`` 1.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -521,18 +522,23 @@ def _to_array(im: Image.Image) -> np.ndarray:
 
 
 def _decode(
-    path: Path, size: tuple[int, int] | None, pre: Preprocessing | None = None
+    path: Path, size: tuple[int, int] | None, pre: Preprocessing | None = None, channels: int | None = None
 ) -> tuple[np.ndarray | None, bool, str]:
-    """(pixels, was greyscale, reason it failed). Never raises: a bad file is a reason, not a crash."""
+    """(pixels, was greyscale, reason it failed). Never raises: a bad file is a reason, not a crash.
+
+    With ``pre``: exactly what ``vitlab predict`` does to a file (mode conversion, then resize and centre crop
+    as ``pre`` says). Else a differently sized image is resized to cover ``size`` (bicubic) and centre-cropped,
+    which is ``pre``'s crop with ``crop_pct`` 1, so that training and prediction see images alike."""
     try:
         with Image.open(path) as opened:
             opened.load()
             grey = opened.mode in _GREY_MODES
+            if pre is not None:
+                im = to_mode(ImageOps.exif_transpose(opened), channels or (1 if grey else 3))
+                return np.asarray(resize_crop(im, pre), dtype=np.uint8), grey, ""
             a = _to_array(ImageOps.exif_transpose(opened))
-        if pre is not None:
-            a = np.asarray(resize_crop(Image.fromarray(a), pre))
-        elif size is not None and a.shape[:2] != size:
-            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+        if size is not None and a.shape[:2] != size:
+            a = np.asarray(resize_crop(Image.fromarray(a), Preprocessing(image_size=size)), dtype=np.uint8)
         return a, grey, ""
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
         return None, False, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -544,13 +550,14 @@ def _decode_all(
     size: tuple[int, int] | None,
     skipped: list[tuple[str, str]],
     pre: Preprocessing | None = None,
+    channels: int | None = None,
 ) -> tuple[list[np.ndarray], list[bool], list[int]]:
     arrays: list[np.ndarray] = []
     greys: list[bool] = []
     kept: list[int] = []
     with ThreadPoolExecutor(max_workers=min(_DECODE_THREADS, max(1, os.cpu_count() or 1))) as pool:
         for path, label, (a, grey, reason) in zip(
-            paths, labels, pool.map(lambda p: _decode(p, size, pre), paths), strict=True
+            paths, labels, pool.map(lambda p: _decode(p, size, pre, channels), paths), strict=True
         ):
             if a is None:
                 skipped.append((str(path), reason))
@@ -614,7 +621,7 @@ def _load_folder(
             empty = [classes[i] for i in np.flatnonzero(counts == 0)]
             if empty:
                 raise DataError(f"class folder(s) {', '.join(repr(c) for c in empty)} in {folder} hold no files")
-        decoded[split] = _decode_all(paths, labels, size, skipped, pre)
+        decoded[split] = _decode_all(paths, labels, size, skipped, pre, channels)
 
     readable = set(decoded["train"][2])
     unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]

@@ -227,6 +227,9 @@ def train(
     _barrier(d)
     if resume:
         saved = TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
+        # memory and speed switches that leave the results as they are may be turned on for the rest of a run
+        runtime = {k: True for k in ("compile", "grad_checkpointing") if getattr(config, k)}
+        saved = saved.replace(**runtime)
         ignored = sorted(k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k != "recipe")
         log(
             f"resuming {out} with its saved configuration"
@@ -413,7 +416,7 @@ def train(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_top1']:.3f}", ips=f"{ips:.0f}")
-                t_last, seen_last = now, 0
+                seen_last = 0
                 run_loss, run_correct, run_n = 0.0, 0, 0
                 end_of_epoch = micro_pos >= micro_per_epoch - (micro_per_epoch % c.accum_steps)
                 if step % eval_every_steps == 0 or step == total:
@@ -434,6 +437,7 @@ def train(
                     or step == total
                 ):
                     save()
+                t_last = time.perf_counter()  # images/s counts training only, not validation or saving
                 if interrupted:
                     if bar is not None:
                         bar.close()
@@ -496,7 +500,8 @@ class _CompiledOrEager:
 def _clip(model: nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is None:  # the norm is still logged: one fused (foreach) reduction over all gradients
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 

@@ -237,7 +237,7 @@ def test_bad_training_settings_exit_2_with_a_message(tmp_path: Path, flags: list
 def test_set_model_overrides_replaces_the_recipes_model_fields(tmp_path: Path) -> None:
     r = run(
         "train", "--recipe", "fashion-mnist-demo", "--out", str(tmp_path / "run"), "--print-config",
-        "--set", 'model_overrides={"num_layers": 8}', "--set", "model.mlp_dim=512",
+        "--set", "model.mlp_dim=512", "--set", 'model_overrides={"num_layers": 8}',
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model_overrides"] == {"num_layers": 8, "mlp_dim": 512}

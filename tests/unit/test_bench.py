@@ -148,6 +148,8 @@ def test_bad_settings() -> None:
         BenchSettings(models=("Q/16",))
     with pytest.raises(ValueError, match="batch sizes"):
         BenchSettings(batches=(0,))
+    with pytest.raises(ValueError, match="add train"):
+        BenchSettings(grad_checkpointing=True)
 
 
 def test_cli_writes_the_json(tmp_path: Path) -> None:

@@ -511,7 +511,8 @@ def test_subset_and_normalize_stats() -> None:
         normalize_stats(data.subset(torch.tensor([], dtype=torch.long)))
 
 
-def test_folder_with_a_checkpoints_preprocessing_matches_predict(tmp_path: Path) -> None:
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_with_a_checkpoints_preprocessing_matches_predict(tmp_path: Path, channels: int) -> None:
     from vitlab.config import Preprocessing
     from vitlab.preprocess import load_for_model
 
@@ -521,14 +522,27 @@ def test_folder_with_a_checkpoints_preprocessing_matches_predict(tmp_path: Path)
         for split in ("train", "test"):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
-            for i, (h, w) in enumerate([(40, 60), (64, 30)]):  # non-square, both orientations
+            # non-square in both orientations; RGB, RGBA (half transparent) and grey files
+            for i, (h, w, mode) in enumerate([(40, 60, "RGB"), (64, 30, "RGBA"), (50, 35, "L")]):
+                depth = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+                pixels = rng.integers(0, 256, (h, w, depth), dtype=np.uint8)
                 path = folder / f"{i}.png"
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+                Image.fromarray(pixels.squeeze(-1) if depth == 1 else pixels, mode=mode).save(path)
                 files.append((split, path))
     pre = Preprocessing(image_size=(16, 16), crop_pct=0.875, interpolation="bilinear")
-    data = load_data(str(tmp_path), val_fraction=0.0, channels=3, preprocessing=pre)
-    assert data.test is not None and data.test.images.shape == (4, 3, 16, 16)
-    expected = torch.stack([load_for_model(p, pre, 3) for split, p in sorted(files) if split == "test"])
+    data = load_data(str(tmp_path), val_fraction=0.0, channels=channels, preprocessing=pre)
+    assert data.test is not None and data.test.images.shape == (6, channels, 16, 16)
+    expected = torch.stack([load_for_model(p, pre, channels) for split, p in sorted(files) if split == "test"])
     torch.testing.assert_close(data.test.images, expected, rtol=0, atol=0)
-    squashed = load_data(str(tmp_path), val_fraction=0.0, channels=3, image_size=16)  # the plain resize differs
-    assert squashed.test is not None and not torch.equal(squashed.test.images, expected)
+
+
+def test_folder_images_of_another_size_are_resized_to_cover_and_centre_cropped(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        wide = np.zeros((20, 40), dtype=np.uint8)
+        wide[:, 10:30] = 200  # the centre square is bright, the sides dark
+        Image.fromarray(wide, mode="L").save(tmp_path / name / "wide.png")
+    data = load_data(str(tmp_path), val_fraction=0.0, image_size=10)
+    # a squash would keep the dark sides in view; the centre crop of the cover-resize sees only the bright square
+    assert data.train.images.shape[1:] == (1, 10, 10)
+    assert int(data.train.images.min()) >= 150  # bicubic rings a little at the crop edge (187)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,19 @@ def test_a_failing_torch_compile_falls_back_to_eager(tmp_path: Path, monkeypatch
     train(TINY.replace(compile=True), tmp_path / "compiled", progress=False, log=logs.append)
     train(TINY, tmp_path / "eager", progress=False)
     assert any("torch.compile failed (RuntimeError: InvalidCxxCompiler" in line for line in logs), logs
-    # the failed attempt consumed no random numbers: the run equals an eager one bit for bit
+    # after the fallback the run is an eager one: the same weights bit for bit
     a, b = (
         load_file(str(tmp_path / "compiled" / "model.safetensors")),
         load_file(str(tmp_path / "eager" / "model.safetensors")),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_may_switch_on_grad_checkpointing_and_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    train(TINY, tmp_path / "run", progress=False)
+    logs: list[str] = []
+    train(TINY.replace(grad_checkpointing=True, lr=0.5), tmp_path / "run", resume=True, progress=False, log=logs.append)
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert saved["grad_checkpointing"] is True and saved["lr"] == TINY.lr
+    assert any("ignoring given lr" in line for line in logs), logs

@@ -90,7 +90,9 @@ def resolve_config(args: argparse.Namespace) -> Any:
     if args.model is not None and args.model != config.model:
         # a new preset: keep only the recipe's regularisation and input-size overrides
         model = {k: v for k, v in model.items() if k in ("image_size", "dropout", "drop_path", "attention_dropout")}
-    for item in args.sets:
+    # a whole model_overrides object applies first, so that model.X settings refine it in any order
+    sets = sorted(args.sets, key=lambda item: not item.startswith("model_overrides="))
+    for item in sets:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r} is not FIELD=VALUE")

@@ -6,7 +6,7 @@
 
 Each writes ``benchmarks/results/profile_<name>.txt``: the command, then the operators sorted by self CPU time.
 
-    python benchmarks/profile.py [--cases b16-inference demo-train] [--steps 3] [--rows 25]
+    python benchmarks/profile_ops.py [--cases b16-inference demo-train] [--steps 3] [--rows 25]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--out-dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    command = shlex.join(["python", "benchmarks/profile.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/profile_ops.py", *(argv if argv is not None else sys.argv[1:])])
     for name in args.cases:
         step = CASES[name]()
         for _ in range(2):
