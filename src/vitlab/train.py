@@ -211,6 +211,9 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True) -
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
 
+RUNTIME_FIELDS = ("compile", "grad_checkpointing")
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -219,16 +222,23 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    runtime: dict[str, bool] | None = None,
 ) -> TrainResult:
-    """Run (or resume) training as ``config`` says, writing everything under ``out``."""
+    """Run (or resume) training as ``config`` says, writing everything under ``out``.
+
+    ``runtime`` sets switches that change speed and memory but not the results (``compile``,
+    ``grad_checkpointing``); unlike the rest of ``config`` they apply on resume too, on top of the saved run."""
+    runtime = dict(runtime or {})
+    unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
+    if unknown:
+        raise ValueError(f"runtime switches are {list(RUNTIME_FIELDS)}, not {unknown}")
+    config = config.replace(**runtime)
     out = Path(out)
     d = init_distributed()
     prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
     _barrier(d)
     if resume:
         saved = TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
-        # memory and speed switches that leave the results as they are may be turned on for the rest of a run
-        runtime = {k: True for k in ("compile", "grad_checkpointing") if getattr(config, k)}
         saved = saved.replace(**runtime)
         ignored = sorted(k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k != "recipe")
         log(

@@ -49,7 +49,10 @@ def test_resume_may_switch_on_grad_checkpointing_and_compile(tmp_path: Path, mon
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     train(TINY, tmp_path / "run", progress=False)
     logs: list[str] = []
-    train(TINY.replace(grad_checkpointing=True, lr=0.5), tmp_path / "run", resume=True, progress=False, log=logs.append)
+    given = TINY.replace(compile=True, lr=0.5)  # compile comes with the config, not as a runtime switch: ignored
+    train(given, tmp_path / "run", resume=True, progress=False, log=logs.append, runtime={"grad_checkpointing": True})
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
-    assert saved["grad_checkpointing"] is True and saved["lr"] == TINY.lr
-    assert any("ignoring given lr" in line for line in logs), logs
+    assert saved["grad_checkpointing"] is True and saved["compile"] is False and saved["lr"] == TINY.lr
+    assert any("ignoring given compile, lr" in line for line in logs), logs
+    with pytest.raises(ValueError, match="runtime switches"):
+        train(TINY, tmp_path / "run", resume=True, progress=False, runtime={"lr": True})

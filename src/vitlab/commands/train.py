@@ -52,7 +52,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     for flag, (name, kind) in _FLAGS.items():
         p.add_argument(flag, dest=name, type=kind, default=None, help=f"override {name}")
-    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (the demo recipes do; --no-compile trains eagerly)",
+    )
     p.add_argument(
         "--grad-checkpointing",
         action="store_true",
@@ -81,8 +86,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
-    if args.compile:
-        changes["compile"] = True
+    if args.compile is not None:
+        changes["compile"] = args.compile
     if args.grad_checkpointing:
         changes["grad_checkpointing"] = True
     aug = dataclasses.asdict(config.augment)
@@ -132,8 +137,16 @@ def run(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
+        # switches given explicitly apply on --resume too (they change speed and memory, not results)
+        runtime = {k: getattr(config, k) for k in ("compile", "grad_checkpointing") if getattr(args, k) is not None}
         result = train(
-            config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, log=log
+            config,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            log=log,
+            runtime=runtime,
         )
     except TrainingInterrupted as e:
         log(str(e))
