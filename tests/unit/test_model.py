@@ -198,3 +198,23 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations
         with_ckpt = model(images)
         model.set_grad_checkpointing(False)
         torch.testing.assert_close(with_ckpt, model(images), rtol=0, atol=0)
+
+
+def test_onednn_inference_linear_matches_f_linear_and_leaves_training_alone() -> None:
+    from vitlab import model as vm
+
+    layer = vm.Linear(24, 40)
+    x = torch.randn(3, 5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x.double().float()), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
+        )
+    y = layer(x.requires_grad_())  # with gradients: exactly nn.Linear, differentiable
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    y.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    layer.double()  # other dtypes: plain F.linear
+    with torch.no_grad():
+        assert torch.equal(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
