@@ -510,7 +510,7 @@ class _CompiledOrEager:
 def _clip(model: nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is None:  # the norm is still logged: one fused (foreach) reduction over all gradients
-        norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
         return float(torch.linalg.vector_norm(torch.stack(norms)))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 

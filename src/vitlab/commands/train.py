@@ -126,7 +126,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.recipes import TrainConfig
-    from vitlab.train import TrainingError, TrainingInterrupted, train
+    from vitlab.train import RUNTIME_FIELDS, TrainingError, TrainingInterrupted, train
 
     config: TrainConfig = resolve_config(args)
     if args.print_config:
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         # switches given explicitly apply on --resume too (they change speed and memory, not results)
-        runtime = {k: getattr(config, k) for k in ("compile", "grad_checkpointing") if getattr(args, k) is not None}
+        runtime = {k: getattr(config, k) for k in RUNTIME_FIELDS if getattr(args, k) is not None}
         result = train(
             config,
             args.out,
