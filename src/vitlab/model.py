@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,27 +35,102 @@ def _onednn_usable() -> bool:
 _ONEDNN = _onednn_usable()
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN's fp32 GEMM (any leading dims; strided operands are accepted)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """dW = dy^T @ x over all leading dims, as ``linear(dy^T, x^T)`` on transposed views."""
+    return _onednn_linear(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t(), None)
+
+
+def _linear_grads(
+    ctx: Any, grad: Tensor, linear: Callable[..., Tensor], weight_grad: Callable[[Tensor, Tensor], Tensor]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The three gradients of a linear layer: dx = dy @ W (``linear(dy, W^T)``), dW = dy^T @ x, db."""
+    x, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx = linear(grad, weight.t(), None) if needs[0] else None
+    dw = weight_grad(grad, x) if needs[1] else None
+    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and needs[2] else None
+    return dx, dw, db
+
+
+def _save_for_linear_grads(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+# Under torch.compile the GEMMs are opaque custom operators (inductor fuses everything around them and
+# would otherwise lower the matmuls to MKL); in eager mode one autograd.Function calls oneDNN directly,
+# without the custom-operator dispatch cost.
+@torch.library.custom_op("vitlab::onednn_linear", mutates_args=())
+def linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _onednn_linear(x, weight, bias)
+
+
+@linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("vitlab::onednn_linear_weight_grad", mutates_args=())
+def weight_grad_op(grad: Tensor, x: Tensor) -> Tensor:
+    return _onednn_weight_grad(grad, x)
+
+
+@weight_grad_op.register_fake
+def _(grad: Tensor, x: Tensor) -> Tensor:
+    return grad.new_empty((grad.shape[-1], x.shape[-1]))
+
+
+linear_op.register_autograd(
+    lambda ctx, grad: _linear_grads(ctx, grad, linear_op, weight_grad_op),
+    setup_context=lambda ctx, inputs, output: _save_for_linear_grads(ctx, *inputs),
+)
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    """Eager training: forward and both gradient GEMMs on oneDNN (no copies: transposed views are read)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        _save_for_linear_grads(ctx, x, weight, bias)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return _linear_grads(ctx, grad, _onednn_linear, _onednn_weight_grad)
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) whose inference forward on CPU runs oneDNN's fp32
-    GEMM: on this project's AMD CPU it measured ~3x the rate of the MKL GEMM that ``F.linear`` uses (see
-    docs/performance.md). With gradients enabled, while tracing, exporting or compiling, on other devices or
-    dtypes, or with ``VITLAB_ONEDNN=0`` it is exactly ``nn.Linear``. Results agree with ``F.linear`` to float32
-    rounding (tested)."""
+    """``nn.Linear`` (same parameters and state-dict keys) whose GEMMs run on oneDNN on CPU, in inference and
+    training, eager or under ``torch.compile``: on this project's AMD CPU oneDNN's fp32 GEMM measured ~2x the
+    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). While tracing, scripting, exporting
+    (ONNX, ``torch.export``), under autocast, on other devices or dtypes, or with ``VITLAB_ONEDNN=0`` it is
+    exactly ``nn.Linear``. Outputs and gradients agree with ``F.linear`` to float32 rounding (tested)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (
             _ONEDNN
-            and not torch.is_grad_enabled()
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not x.is_mkldnn
+            and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling()
             and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_exporting()
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            if torch.compiler.is_compiling():
+                return linear_op(x, self.weight, self.bias)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                out: Tensor = _OneDNNLinearFn.apply(x, self.weight, self.bias)
+                return out
+            return _onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -113,7 +113,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, c.weight_decay)
-    fused = device.type == "cuda"
+    fused = device.type in ("cuda", "cpu")  # one multi-tensor kernel per step (on CPU too, since torch 2.4)
     if c.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
     if c.optimizer == "adam":  # L2 decay through the gradient (coupled); the paper's decoupled decay is adamw

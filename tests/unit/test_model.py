@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import vitlab
 from vitlab import ViTConfig
 from vitlab.config import POOL_CHOICES, POS_EMBED_CHOICES
-from vitlab.model import DropPath
+from vitlab.model import DropPath, ViT
 
 KINDS = [(p, q) for p in POS_EMBED_CHOICES for q in POOL_CHOICES]
 
@@ -200,7 +202,7 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations
         torch.testing.assert_close(with_ckpt, model(images), rtol=0, atol=0)
 
 
-def test_onednn_inference_linear_matches_f_linear_and_leaves_training_alone() -> None:
+def test_onednn_inference_linear_matches_f_linear() -> None:
     from vitlab import model as vm
 
     layer = vm.Linear(24, 40)
@@ -211,10 +213,122 @@ def test_onednn_inference_linear_matches_f_linear_and_leaves_training_alone() ->
         torch.testing.assert_close(
             layer(x.double().float()), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5
         )
-    y = layer(x.requires_grad_())  # with gradients: exactly nn.Linear, differentiable
-    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
-    y.sum().backward()
-    assert layer.weight.grad is not None and x.grad is not None
     layer.double()  # other dtypes: plain F.linear
     with torch.no_grad():
         assert torch.equal(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), "transposed"])
+@pytest.mark.parametrize("frozen", ["none", "weight", "input"])
+def test_onednn_training_linear_gradients_match_f_linear(bias: bool, shape: Any, frozen: str) -> None:
+    from vitlab import model as vm
+
+    torch.manual_seed(0)
+    layer = vm.Linear(24, 40, bias=bias)
+    base = torch.randn(6, 24) if shape == "transposed" else torch.randn(*shape)
+    grad_out = torch.randn(*base.shape[:-1], 40).mT.contiguous().mT  # a strided output gradient
+    layer.weight.requires_grad_(frozen != "weight")
+
+    def run(fn: Any) -> list[Tensor | None]:
+        x = base.clone()
+        if shape == "transposed":  # a strided input: the transposed view of a contiguous (24, 6) tensor
+            x = x.t().contiguous().t()
+        x.requires_grad_(frozen != "input")
+        for p in layer.parameters():
+            p.grad = None
+        y = fn(x)
+        (y * grad_out).sum().backward()
+        return [y, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
+
+    ours = run(layer)
+    reference = run(lambda x: F.linear(x, layer.weight, layer.bias))
+    assert "OneDNN" in type(getattr(ours[0], "grad_fn", None)).__name__  # the fast path ran
+    for got, want in zip(ours, reference, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_steps_aside_for_autocast_and_switch() -> None:
+    from vitlab import model as vm
+
+    layer = vm.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast decides, as for nn.Linear
+    old = vm._ONEDNN
+    vm._ONEDNN = False  # VITLAB_ONEDNN=0
+    try:
+        y = layer(x)
+        assert "OneDNN" not in type(y.grad_fn).__name__
+        assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    finally:
+        vm._ONEDNN = old
+
+
+def test_onednn_training_step_matches_plain_linear() -> None:
+    """A whole ViT's loss and every parameter gradient agree with the nn.Linear path."""
+    from vitlab import model as vm
+
+    config = ViTConfig(image_size=16, patch_size=4, hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
+    torch.manual_seed(0)
+    model = ViT(config).train()
+    images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
+
+    def grads() -> tuple[Tensor, dict[str, Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, fast = grads()
+    old = vm._ONEDNN
+    vm._ONEDNN = False
+    try:
+        ref_loss, ref = grads()
+    finally:
+        vm._ONEDNN = old
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert fast.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_onednn_custom_ops_pass_opcheck() -> None:
+    """The operators torch.compile sees: fake (meta) shapes, autograd registration, schema."""
+    from vitlab import model as vm
+
+    x, weight, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6)
+    torch.library.opcheck(vm.linear_op, (x, weight, bias.requires_grad_()))
+    torch.library.opcheck(vm.linear_op, (x, weight, None))
+    torch.library.opcheck(vm.weight_grad_op, (torch.randn(2, 5, 6), x.detach()))
+
+
+def test_onednn_linear_under_compile_matches_plain_linear() -> None:
+    """Compiled (the graph holds the custom operators), forward and gradients agree with nn.Linear's."""
+    from vitlab import model as vm
+
+    torch.manual_seed(0)
+    layer = vm.Linear(12, 20)
+    x = torch.randn(3, 4, 12)
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [compiled(xs[0]), F.linear(xs[1], layer.weight, layer.bias)]
+    grads = []
+    for out, xi in zip(outs, xs, strict=True):
+        layer.zero_grad(set_to_none=True)
+        out.square().sum().backward()
+        grads.append([xi.grad, layer.weight.grad, layer.bias.grad])
+    assert any("vitlab.onednn_linear" in str(g.graph) for g in graphs)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
