@@ -14,8 +14,9 @@ What is measured (also written into every results file, under ``"definitions"``)
   ``images_per_s`` is batch / latency.
 - training (``train=True``): one step = forward, cross-entropy on random labels, backward, AdamW step.
 - ``peak_share``: achieved FLOP/s (``flops_per_image`` x images/s; 3x the forward's FLOPs for a training
-  step) over the best measured fp32 ``torch.mm`` rate. The models run in fp32; the bf16 rate is measured too,
-  to show which is the machine's fast path. :func:`vitlab.model.flops_per_image` counts matrix products only.
+  step) over the best measured fp32 GEMM rate (``torch.mm``, or oneDNN's on CPU, whichever is faster:
+  vitlab's linear layers call oneDNN, so a share of torch.mm's rate could exceed 100%). The models run in
+  fp32; the bf16 rate is measured too, to show which is the machine's fast path. :func:`vitlab.model.flops_per_image` counts matrix products only.
 - memory on CPU: each configuration runs once more in a fresh subprocess, which builds the model, reads its
   resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``), runs one *cold* step
   and reads the high-water mark again (``VmHWM``). ``step_rss_delta_mb`` is the extra resident memory of that
@@ -26,6 +27,7 @@ What is measured (also written into every results file, under ``"definitions"``)
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -61,7 +63,7 @@ DEFINITIONS = {
     "latency_ms": "median over repeats of the mean time of one call in that repeat (one training step in mode 'train')",
     "train_step": "forward, cross-entropy on random labels, backward, AdamW step",
     "gflops_per_image": "vitlab.model.flops_per_image (matrix products only), x3 for a training step",
-    "peak_share": "gflops_per_image x images_per_s / best measured fp32 torch.mm GFLOP/s",
+    "peak_share": "gflops_per_image x images_per_s / best measured fp32 GEMM GFLOP/s (torch.mm or oneDNN)",
     "ratio_vs_best_peer": "images_per_s / images_per_s of the fastest peer library (not vitlab) in the same "
     "model, mode, batch and compile group, same run",
     "memory_cpu": "fresh subprocess per configuration: peak_rss_mb = VmHWM during one cold step (whole "
@@ -232,32 +234,48 @@ def matmul_rates(
     device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """GFLOP/s of ``torch.mm`` on two size x size matrices per dtype, best and median over ``repeats``
-    timings; the dtypes take turns, so that load from other jobs hits them alike."""
+    timings; on CPU also of oneDNN's fp32 GEMM (``float32_onednn``: the kernel vitlab's linear layers call),
+    which on some CPUs is far faster than torch.mm's. The kernels take turns, so that load from other jobs
+    hits them alike."""
     dev = torch.device(device)
     sync = _sync(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     a32 = torch.randn(size, size, generator=g, device=dev)
     b32 = torch.randn(size, size, generator=g, device=dev)
-    operands = {dtype: (a32.to(dtype), b32.to(dtype)) for dtype in dtypes}
-    outs = {dtype: torch.mm(a, b) for dtype, (a, b) in operands.items()}  # warm-up, and the output buffers
-    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in dtypes}
+    kernels: dict[str, Callable[[], object]] = {}
+    for dtype in dtypes:
+        a, b = a32.to(dtype), b32.to(dtype)
+        out = torch.mm(a, b)  # the output buffer
+        kernels[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b, out=out)
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # linear(a, b) = a @ b.T: the same FLOPs
+        kernels["float32_onednn"] = functools.partial(
+            torch.ops.mkldnn._linear_pointwise, a32, b32, None, "none", [], ""
+        )
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for fn in kernels.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        for dtype, (a, b) in operands.items():
+        for name, fn in kernels.items():
             sync()
             t0 = time.perf_counter()
-            torch.mm(a, b, out=outs[dtype])
+            fn()
             sync()
-            times[dtype].append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
     flops = 2 * size**3
     return {
-        str(dtype).removeprefix("torch."): {
+        name: {
             "size": size,
             "repeats": repeats,
             "gflops_best": flops / min(t) / 1e9,
             "gflops_median": flops / statistics.median(t) / 1e9,
         }
-        for dtype, t in times.items()
+        for name, t in times.items()
     }
+
+
+def fp32_peak_gflops(rates: dict[str, dict[str, Any]]) -> float:
+    """The machine's fp32 matrix-multiply rate: the best of torch.mm and oneDNN (when measured)."""
+    return max(rates[k]["gflops_best"] for k in ("float32", "float32_onednn") if k in rates)
 
 
 def _make_step(
@@ -410,7 +428,7 @@ def run_benchmark(
     sync = _sync(device)
     say(f"matmul rate ({settings.matmul_size}x{settings.matmul_size}, {settings.matmul_repeats} timings)")
     rates = matmul_rates(size=settings.matmul_size, repeats=settings.matmul_repeats, device=settings.device)
-    peak = rates["float32"]["gflops_best"] * 1e9
+    peak = fp32_peak_gflops(rates) * 1e9
     modes: list[Mode] = ["inference", "train"] if settings.train else ["inference"]
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -602,7 +620,9 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["matmul"]
     lines.append(
         f"torch {result['torch_version']}, {result['threads']} threads, {result['machine'].get('cpu_model')}; "
-        f"matmul peak fp32 {m['float32']['gflops_best']:.1f} GFLOP/s, bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s"
+        f"matmul fp32 torch.mm {m['float32']['gflops_best']:.1f} GFLOP/s"
+        + (f", oneDNN {m['float32_onednn']['gflops_best']:.1f}" if "float32_onednn" in m else "")
+        + f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s; peak = {fp32_peak_gflops(m):.1f}"
     )
     header = f"{'library':<20}{'batch':>6}{'images/s':>11}{'ms/call':>10}{'% peak':>8}{'vs best peer':>14}{'mem MB':>9}"
     current = None

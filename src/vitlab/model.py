@@ -196,7 +196,8 @@ class Attention(nn.Module):
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each (B, h, T, hd)
+        q, k, v = qkv.unbind(0)  # each (B, h, T, hd); unbind, not indexing: one gradient buffer, not three
+        return q, k, v
 
     def _merge(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape

@@ -62,10 +62,12 @@ def test_document_structure(result: dict) -> None:
     assert result["threads"] == torch.get_num_threads() == 1
     assert result["machine"]["logical_cpus"] >= 1 and "cpu_model" in result["machine"]
     assert set(result["load_average_1min"]) == {"start", "end"}
-    for dtype in ("float32", "bfloat16"):
-        rate = result["matmul"][dtype]
+    kernels = ("float32", "bfloat16", "float32_onednn")  # oneDNN's GEMM too: vitlab's linear layers call it
+    for kernel in kernels:
+        rate = result["matmul"][kernel]
         assert rate["gflops_best"] >= rate["gflops_median"] > 0
-    assert result["peak_gflops"] == result["matmul"]["float32"]["gflops_best"]
+    fp32 = [result["matmul"][k]["gflops_best"] for k in ("float32", "float32_onednn")]
+    assert result["peak_gflops"] == max(fp32)  # the share is of the faster fp32 kernel
     assert set(result["definitions"]) >= {"images_per_s", "latency_ms", "peak_share", "ratio_vs_best_peer"}
     libraries = {"vitlab", *INSTALLED}
     rows = result["results"]
