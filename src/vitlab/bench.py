@@ -16,7 +16,8 @@ What is measured (also written into every results file, under ``"definitions"``)
 - ``peak_share``: achieved FLOP/s (``flops_per_image`` x images/s; 3x the forward's FLOPs for a training
   step) over the best measured fp32 GEMM rate (``torch.mm``, or oneDNN's on CPU, whichever is faster:
   vitlab's linear layers call oneDNN, so a share of torch.mm's rate could exceed 100%). The models run in
-  fp32; the bf16 rate is measured too, to show which is the machine's fast path. :func:`vitlab.model.flops_per_image` counts matrix products only.
+  fp32; the bf16 rate is measured too, to show which is the machine's fast path.
+  :func:`vitlab.model.flops_per_image` counts matrix products only.
 - memory on CPU: each configuration runs once more in a fresh subprocess, which builds the model, reads its
   resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``), runs one *cold* step
   and reads the high-water mark again (``VmHWM``). ``step_rss_delta_mb`` is the extra resident memory of that
