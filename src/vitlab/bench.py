@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.config import ViTConfig
-from vitlab.model import ViT, flops_per_image
+from vitlab.model import ViT, flops_per_image, onednn_enabled
 
 LIBRARIES: tuple[str, ...] = ("vitlab", "timm", "hf", "torchvision")
 PEERS: tuple[str, ...] = LIBRARIES[1:]
@@ -248,7 +248,7 @@ def matmul_rates(
         a, b = a32.to(dtype), b32.to(dtype)
         out = torch.mm(a, b)  # the output buffer
         kernels[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b, out=out)
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available():  # linear(a, b) = a @ b.T: the same FLOPs
+    if dev.type == "cpu" and onednn_enabled():  # linear(a, b) = a @ b.T: the same FLOPs
         kernels["float32_onednn"] = functools.partial(
             torch.ops.mkldnn._linear_pointwise, a32, b32, None, "none", [], ""
         )
@@ -276,7 +276,10 @@ def matmul_rates(
 
 def fp32_peak_gflops(rates: dict[str, dict[str, Any]]) -> float:
     """The machine's fp32 matrix-multiply rate: the best of torch.mm and oneDNN (when measured)."""
-    return max(rates[k]["gflops_best"] for k in ("float32", "float32_onednn") if k in rates)
+    measured = [rates[k]["gflops_best"] for k in ("float32", "float32_onednn") if k in rates]
+    if not measured:
+        raise ValueError(f"no fp32 matmul rate among {sorted(rates)}")
+    return max(measured)
 
 
 def _make_step(

@@ -35,6 +35,11 @@ def _onednn_usable() -> bool:
 _ONEDNN = _onednn_usable()
 
 
+def onednn_enabled() -> bool:
+    """Whether vitlab's linear layers call oneDNN on CPU (mkldnn built in and ``VITLAB_ONEDNN`` not ``0``)."""
+    return _ONEDNN
+
+
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` by oneDNN's fp32 GEMM (any leading dims; strided operands are accepted)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -42,7 +47,13 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """dW = dy^T @ x over all leading dims, as ``linear(dy^T, x^T)`` on transposed views."""
+    if grad.numel() == 0:  # an empty batch: oneDNN refuses a zero-length reduction
+        return grad.new_zeros((grad.shape[-1], x.shape[-1]))
     return _onednn_linear(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t(), None)
+
+
+def _plain_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    return grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
 
 def _linear_grads(
@@ -92,7 +103,8 @@ linear_op.register_autograd(
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
-    """Eager training: forward and both gradient GEMMs on oneDNN (no copies: transposed views are read)."""
+    """Eager training: forward and both gradient GEMMs on oneDNN. A backward that must itself be
+    differentiable (``create_graph=True``: gradient penalties, meta-learning) uses plain torch ops instead."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -100,20 +112,32 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _onednn_linear(x, weight, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if torch.is_grad_enabled():
+            return _linear_grads(ctx, grad, F.linear, _plain_weight_grad)
         return _linear_grads(ctx, grad, _onednn_linear, _onednn_weight_grad)
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(is_exporting and is_exporting())
+
+
+def _functorch_wrapped(*tensors: Tensor) -> bool:
+    """Inside torch.func transforms (grad, vmap, jvp) the autograd.Function above does not apply."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose GEMMs run on oneDNN on CPU, in inference and
     training, eager or under ``torch.compile``: on this project's AMD CPU oneDNN's fp32 GEMM measured ~2x the
-    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). While tracing, scripting, exporting
-    (ONNX, ``torch.export``), under autocast, on other devices or dtypes, or with ``VITLAB_ONEDNN=0`` it is
-    exactly ``nn.Linear``. Outputs and gradients agree with ``F.linear`` to float32 rounding (tested)."""
+    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). While tracing or exporting (ONNX,
+    ``torch.export``), inside ``torch.func`` transforms, under autocast, on other devices or dtypes, or with
+    ``VITLAB_ONEDNN=0`` it computes exactly what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients
+    agree with ``F.linear`` to float32 rounding (tested)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
+        if not (
             _ONEDNN
             and x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -123,15 +147,18 @@ class Linear(nn.Linear):
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_exporting()
+            and not _is_exporting()
         ):
-            if torch.compiler.is_compiling():
-                return linear_op(x, self.weight, self.bias)
-            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-                out: Tensor = _OneDNNLinearFn.apply(x, self.weight, self.bias)
-                return out
-            return _onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return linear_op(x, self.weight, self.bias)
+        if _functorch_wrapped(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
+            out: Tensor = _OneDNNLinearFn.apply(x, self.weight, self.bias)
+            return out
+        return _onednn_linear(x, self.weight, self.bias)
 
 
 class PatchEmbed(nn.Module):

@@ -332,3 +332,57 @@ def test_onednn_linear_under_compile_matches_plain_linear() -> None:
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_edge_cases_match_f_linear() -> None:
+    """A trainable bias alone, an empty batch, a 1-D input: the same gradients as F.linear."""
+    from vitlab import model as vm
+
+    torch.manual_seed(0)
+    layer = vm.Linear(8, 6)
+    layer.weight.requires_grad_(False)  # only the bias trains (e.g. BitFit)
+    x = torch.randn(4, 8)
+    y = layer(x)
+    assert "OneDNN" in type(y.grad_fn).__name__
+    y.square().sum().backward()
+    bias_grad, layer.bias.grad = layer.bias.grad, None
+    F.linear(x, layer.weight, layer.bias).square().sum().backward()
+    assert bias_grad is not None
+    torch.testing.assert_close(bias_grad, layer.bias.grad)
+
+    layer.weight.requires_grad_(True)
+    for shape in [(0, 8), (2, 0, 8), (8,)]:
+        grads = []
+        for fn in (layer, lambda t: F.linear(t, layer.weight, layer.bias)):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            layer.zero_grad(set_to_none=True)
+            out = fn(x)
+            out.square().sum().backward()
+            grads.append([out, x.grad, layer.weight.grad, layer.bias.grad])
+        for got, want in zip(*grads, strict=True):
+            torch.testing.assert_close(got, want, msg=str(shape))
+
+
+def test_onednn_linear_supports_double_backward_and_torch_func() -> None:
+    from vitlab import model as vm
+
+    torch.manual_seed(0)
+    layer = vm.Linear(8, 6)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def penalty(fn: Any) -> Tensor:  # a gradient penalty: differentiates through the backward
+        (gx,) = torch.autograd.grad(fn(x).tanh().sum(), x, create_graph=True)
+        return gx.square().sum()
+
+    ours = torch.autograd.grad(penalty(layer), layer.weight)[0]
+    reference = torch.autograd.grad(penalty(lambda t: F.linear(t, layer.weight, layer.bias)), layer.weight)[0]
+    torch.testing.assert_close(ours, reference)
+
+    params = dict(layer.named_parameters())
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda p, xi: torch.func.functional_call(layer, p, (xi,)).square().sum()), in_dims=(None, 0)
+    )(params, x.detach())
+    for i in range(2):
+        layer.zero_grad(set_to_none=True)
+        F.linear(x.detach()[i], layer.weight, layer.bias).square().sum().backward()
+        torch.testing.assert_close(per_sample["weight"][i], layer.weight.grad)
