@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import vitlab
-from vitlab.bench import machine_info
+from vitlab.bench import machine_info, seconds_per_call
 from vitlab.datasets import load_data
 from vitlab.evaluate import normalize
 from vitlab.export import export, load_onnx
@@ -42,11 +42,7 @@ def _seconds(call: Callable[[], object], min_time: float) -> float:
     t0 = time.perf_counter()
     call()
     once = time.perf_counter() - t0
-    iters = max(1, round(min_time / max(once, 1e-6)))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        call()
-    return (time.perf_counter() - t0) / iters
+    return seconds_per_call(call, max(1, round(min_time / max(once, 1e-6))))
 
 
 def measure_speed(name: str, batch: int, repeats: int, min_time: float, work: Path) -> dict[str, Any]:

@@ -314,7 +314,8 @@ def _inputs(config: ViTConfig, batch: int, device: torch.device, seed: int = 0) 
     return x, y
 
 
-def _seconds_per_call(step: Callable[[], None], iters: int, sync: Callable[[], None]) -> float:
+def seconds_per_call(step: Callable[[], object], iters: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Mean wall-clock seconds of ``iters`` back-to-back calls of ``step`` (``sync`` waits for the device)."""
     sync()
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -524,7 +525,7 @@ def _measure_model(
                 try:
                     for _ in range(settings.warmup):
                         case.step()
-                    once = _seconds_per_call(case.step, 1, sync)
+                    once = seconds_per_call(case.step, 1, sync)
                 except Exception as e:  # a peer or torch.compile failing must not sink the others' numbers
                     if library == "vitlab" and not compiled:
                         raise
@@ -539,7 +540,7 @@ def _measure_model(
             k = r % len(group) if group else 0
             for case in group[k:] + group[:k]:  # a different library goes first in each repeat
                 models[(case.library, case.compiled)].train(mode == "train")
-                case.seconds.append(_seconds_per_call(case.step, case.iters, sync))
+                case.seconds.append(seconds_per_call(case.step, case.iters, sync))
     return [case for group in cases.values() for case in group]
 
 
