@@ -214,19 +214,28 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (uint8 images (B, C, H, W), int64 labels (B,)) batches.
 
     With ``shuffle`` the order is a permutation drawn from ``generator`` (torch's global one if None) when the
     iteration starts. ``start`` skips the first ``start`` batches of that permutation: to resume exactly, restore
-    the generator's state from the start of the epoch and pass the number of batches already done.
+    the generator's state from the start of the epoch and pass the number of batches already done. With
+    ``world_size`` > 1, process ``rank`` takes every ``world_size``-th image of the order (all processes the same
+    number, ``len(data) // world_size``), so the processes of a distributed run see disjoint images.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     if start < 0:
         raise DataError(f"start must be >= 0, got {start!r}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"need 0 <= rank < world_size, got rank {rank!r}, world_size {world_size!r}")
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        order = order[rank::world_size][: n // world_size]
+    n = len(order)
     count = n // batch_size if drop_last else math.ceil(n / batch_size)
     for i in range(start, count):
         idx = order[i * batch_size : (i + 1) * batch_size]

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from vitlab.augment import BatchAugment
 from vitlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_model
 from vitlab.config import Preprocessing
-from vitlab.datasets import load_data, normalize_stats
+from vitlab.datasets import batches, load_data, normalize_stats
 from vitlab.evaluate import evaluate_tensors
 from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
 from vitlab.model import ViT, create_model
@@ -516,16 +516,12 @@ def _clip(model: nn.Module, max_norm: float | None) -> float:
 
 
 def _epoch_batches(data: Any, c: TrainConfig, d: Dist, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Micro-batches of epoch ``epoch`` for this process, from micro-batch ``start`` on."""
-    n = len(data)
+    """Micro-batches of epoch ``epoch`` for this process, from micro-batch ``start`` on: the epoch's order is
+    a function of (seed, epoch) alone, so a resumed run sees the same batches."""
     g = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = n // d.world_size
-    mine = perm[d.rank :: d.world_size][:per_rank]
-    count = per_rank // c.batch_size
-    for i in range(start, count):
-        idx = mine[i * c.batch_size : (i + 1) * c.batch_size]
-        yield data.images[idx], data.labels[idx]
+    return batches(
+        data, c.batch_size, shuffle=True, generator=g, drop_last=True, start=start, rank=d.rank, world_size=d.world_size
+    )
 
 
 def _barrier(d: Dist) -> None:

@@ -546,3 +546,20 @@ def test_folder_images_of_another_size_are_resized_to_cover_and_centre_cropped(t
     # a squash would keep the dark sides in view; the centre crop of the cover-resize sees only the bright square
     assert data.train.images.shape[1:] == (1, 10, 10)
     assert int(data.train.images.min()) >= 150  # bicubic rings a little at the crop edge (187)
+
+
+def test_batches_shard_an_epoch_across_processes() -> None:
+    data = _counting(23)
+    shards = []
+    for rank in range(3):
+        g = torch.Generator().manual_seed(5)  # every process draws the same permutation
+        shards.append(_labels(batches(data, 2, shuffle=True, generator=g, drop_last=True, rank=rank, world_size=3)))
+    seen = [set(itertools.chain.from_iterable(s)) for s in shards]
+    assert [len(s) for s in shards] == [3, 3, 3]  # 23 // 3 = 7 images each, 3 full batches of 2
+    assert all(len(s) == 6 for s in seen)
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    single = _labels(batches(data, 2, shuffle=True, generator=torch.Generator().manual_seed(5), rank=0, world_size=1))
+    assert sorted(itertools.chain.from_iterable(single)) == list(range(23))
+    for rank, world_size in [(3, 3), (-1, 2)]:
+        with pytest.raises(DataError, match="rank"):
+            next(batches(data, 2, shuffle=False, rank=rank, world_size=world_size))
