@@ -629,7 +629,9 @@ def format_table(result: dict[str, Any]) -> str:
         + (f", oneDNN {m['float32_onednn']['gflops_best']:.1f}" if "float32_onednn" in m else "")
         + f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s; peak = {fp32_peak_gflops(m):.1f}"
     )
-    header = f"{'library':<20}{'batch':>6}{'images/s':>11}{'ms/call':>10}{'% peak':>8}{'vs best peer':>14}{'mem MB':>9}"
+    header = (
+        f"{'library':<20}{'batch':>6}{'images/s':>11}{'ms/call':>10}{'% peak':>8}  {'vs best peer':<20}{'mem MB':>7}"
+    )
     current = None
     for row in result["results"]:
         key = (row["model"], row["mode"])
@@ -645,7 +647,7 @@ def format_table(result: dict[str, Any]) -> str:
         mem_text = "" if delta is None else f"{delta:.0f}"
         lines.append(
             f"{name:<20}{row['batch']:>6}{row['images_per_s']:>11.2f}{row['latency_ms']:>10.1f}"
-            f"{100 * row['peak_share']:>7.1f}%{ratio:>14}{mem_text:>9}"
+            f"{100 * row['peak_share']:>7.1f}%  {ratio:<20}{mem_text:>7}".rstrip()
         )
     for s in result["skipped"]:
         lines.append(f"skipped {s['library']} for {s['model']}: {s['reason']}")
