@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.config import ViTConfig
-from vitlab.model import ViT, flops_per_image, onednn_enabled
+from vitlab.model import ViT, flops_per_image, onednn_enabled, onednn_linear
 
 LIBRARIES: tuple[str, ...] = ("vitlab", "timm", "hf", "torchvision")
 PEERS: tuple[str, ...] = LIBRARIES[1:]
@@ -249,9 +249,7 @@ def matmul_rates(
         out = torch.mm(a, b)  # the output buffer
         kernels[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b, out=out)
     if dev.type == "cpu" and onednn_enabled():  # linear(a, b) = a @ b.T: the same FLOPs
-        kernels["float32_onednn"] = functools.partial(
-            torch.ops.mkldnn._linear_pointwise, a32, b32, None, "none", [], ""
-        )
+        kernels["float32_onednn"] = functools.partial(onednn_linear, a32, b32, None)
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for fn in kernels.values():
         fn()  # warm-up

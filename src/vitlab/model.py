@@ -40,7 +40,7 @@ def onednn_enabled() -> bool:
     return _ONEDNN
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` by oneDNN's fp32 GEMM (any leading dims; strided operands are accepted)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -49,7 +49,7 @@ def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """dW = dy^T @ x over all leading dims, as ``linear(dy^T, x^T)`` on transposed views."""
     if grad.numel() == 0:  # an empty batch: oneDNN refuses a zero-length reduction
         return grad.new_zeros((grad.shape[-1], x.shape[-1]))
-    return _onednn_linear(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t(), None)
+    return onednn_linear(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t(), None)
 
 
 def _plain_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
@@ -78,7 +78,7 @@ def _save_for_linear_grads(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | N
 # without the custom-operator dispatch cost.
 @torch.library.custom_op("vitlab::onednn_linear", mutates_args=())
 def linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return _onednn_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)
 
 
 @linear_op.register_fake
@@ -109,13 +109,13 @@ class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         _save_for_linear_grads(ctx, x, weight, bias)
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if torch.is_grad_enabled():
             return _linear_grads(ctx, grad, F.linear, _plain_weight_grad)
-        return _linear_grads(ctx, grad, _onednn_linear, _onednn_weight_grad)
+        return _linear_grads(ctx, grad, onednn_linear, _onednn_weight_grad)
 
 
 def _is_exporting() -> bool:
@@ -158,7 +158,7 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
             out: Tensor = _OneDNNLinearFn.apply(x, self.weight, self.bias)
             return out
-        return _onednn_linear(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias)
 
 
 class PatchEmbed(nn.Module):

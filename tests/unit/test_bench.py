@@ -194,3 +194,12 @@ def test_grad_checkpointing_rows_in_training_only(tiny: ViTConfig) -> None:
     assert gc_row["images_per_s"] > 0
     if INSTALLED:  # a checkpointed vitlab is never anyone's peer
         assert gc_row["best_peer"] == rows[("vitlab", "train")]["best_peer"] == INSTALLED[0]
+
+
+def test_fp32_peak_needs_an_fp32_rate() -> None:
+    from vitlab.bench import fp32_peak_gflops
+
+    rate = {"gflops_best": 2.0, "gflops_median": 1.0}
+    assert fp32_peak_gflops({"float32": rate, "float32_onednn": {**rate, "gflops_best": 5.0}}) == 5.0
+    with pytest.raises(ValueError, match="no fp32 matmul rate among \\['bfloat16'\\]"):
+        fp32_peak_gflops({"bfloat16": rate})

@@ -251,45 +251,44 @@ def test_onednn_training_linear_gradients_match_f_linear(bias: bool, shape: Any,
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_linear_steps_aside_for_autocast_and_switch() -> None:
+def test_onednn_linear_steps_aside_for_autocast_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     from vitlab import model as vm
 
     layer = vm.Linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast decides, as for nn.Linear
-    old = vm._ONEDNN
-    vm._ONEDNN = False  # VITLAB_ONEDNN=0
-    try:
-        y = layer(x)
-        assert "OneDNN" not in type(y.grad_fn).__name__
-        assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
-    finally:
-        vm._ONEDNN = old
+    monkeypatch.setattr(vm, "_ONEDNN", False)  # VITLAB_ONEDNN=0
+    y = layer(x)
+    assert "OneDNN" not in type(y.grad_fn).__name__
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
 
 
-def test_onednn_training_step_matches_plain_linear() -> None:
+def _tiny_vit_loss_and_grads(net: Any, model: ViT) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss and every parameter gradient of one step of ``net`` (``model`` or a compiled wrapper of it) on a
+    fixed batch."""
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(net(images), labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _tiny_vit() -> ViT:
+    config = ViTConfig(image_size=16, patch_size=4, hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
+    torch.manual_seed(0)
+    return ViT(config).train()
+
+
+def test_onednn_training_step_matches_plain_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole ViT's loss and every parameter gradient agree with the nn.Linear path."""
     from vitlab import model as vm
 
-    config = ViTConfig(image_size=16, patch_size=4, hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
-    torch.manual_seed(0)
-    model = ViT(config).train()
-    images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
-
-    def grads() -> tuple[Tensor, dict[str, Tensor]]:
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss, fast = grads()
-    old = vm._ONEDNN
-    vm._ONEDNN = False
-    try:
-        ref_loss, ref = grads()
-    finally:
-        vm._ONEDNN = old
+    model = _tiny_vit()
+    loss, fast = _tiny_vit_loss_and_grads(model, model)
+    monkeypatch.setattr(vm, "_ONEDNN", False)
+    ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert fast.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
     for name in ref:
@@ -388,42 +387,26 @@ def test_onednn_linear_supports_double_backward_and_torch_func() -> None:
         torch.testing.assert_close(per_sample["weight"][i], layer.weight.grad)
 
 
-def test_onednn_training_under_inductor_matches_eager() -> None:
+def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real torch.compile (inductor, C++ codegen) around the custom operators: a ViT's loss and
     gradients agree with the eager nn.Linear path."""
     from vitlab import model as vm
 
-    config = ViTConfig(image_size=16, patch_size=4, hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=5)
-    torch.manual_seed(0)
-    model = ViT(config).train()
-    images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
-
-    def grads(net: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(images), labels)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    model = _tiny_vit()
     calls = []
-    kernel = vm._onednn_linear
+    kernel = vm.onednn_linear
 
     def counting(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         calls.append(1)
         return kernel(x, weight, bias)
 
     torch._dynamo.reset()
-    vm._onednn_linear = counting  # what the custom operators call at run time
-    try:
-        loss, compiled = grads(torch.compile(model))
-    finally:
-        vm._onednn_linear = kernel
+    with monkeypatch.context() as patched:
+        patched.setattr(vm, "onednn_linear", counting)  # what the custom operators call at run time
+        loss, compiled = _tiny_vit_loss_and_grads(torch.compile(model), model)
     assert len(calls) >= 3 * 2 * 4  # forward + two gradients, for the 4 linear layers of each of the 2 blocks
-    old = vm._ONEDNN
-    vm._ONEDNN = False
-    try:
-        ref_loss, ref = grads(model)
-    finally:
-        vm._ONEDNN = old
+    monkeypatch.setattr(vm, "_ONEDNN", False)
+    ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert compiled.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
     for name in ref:
