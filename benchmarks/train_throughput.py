@@ -5,7 +5,9 @@ The plain loop is what a user writes by hand: timm's ``VisionTransformer`` of th
 forward + cross-entropy + backward + step. vitlab's number is the steady-state images/s that ``vitlab train``
 itself logs per step in ``metrics.jsonl`` (slicing the uint8 data, augmentation, normalisation, step, metrics),
 median over the steps after ``--skip`` (warm-up, and torch.compile's compilation with ``--compile``), leaving
-out steps that ran a validation pass. The two alternate ``--rounds`` times; medians over rounds, ratios in-run.
+out steps that ran a validation pass. The two alternate ``--rounds`` times, each measurement in a fresh Python
+process (no compile caches, allocator state or threads carried from one measurement to the next); medians over
+rounds, ratios in-run.
 
     python benchmarks/train_throughput.py [--recipe fashion-mnist] [--steps 300] [--rounds 3] [--compile]
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +73,27 @@ def vitlab_train(c: TrainConfig, steps: int, skip: int, work: Path) -> float:
     return statistics.median(ips)
 
 
+MEASUREMENTS = ("timm_plain_eager_loop", "vitlab_train")
+
+
+def _measure(kind: str, recipe: str, compile_: bool, steps: int, skip: int) -> float:
+    """One measurement in this process (what the child process runs)."""
+    c = get_recipe(recipe).replace(compile=compile_)
+    if kind == "timm_plain_eager_loop":
+        return plain_timm_loop(c, steps, skip)
+    with tempfile.TemporaryDirectory(prefix="vitlab-train-throughput-") as tmp:
+        return vitlab_train(c, steps, max(skip, 60) if compile_ else skip, Path(tmp))
+
+
+def _measure_in_child(kind: str, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps), "--skip", str(args.skip)]
+    cmd += ["--child", kind] + (["--compile"] if args.compile else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement {kind} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="fashion-mnist", choices=["fashion-mnist", "fashion-mnist-demo"])
@@ -78,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="vitlab train --compile (compile time is skipped)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/train_throughput.json)")
+    p.add_argument("--child", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # one measurement, JSON to stdout
     args = p.parse_args(argv)
+    if args.child:
+        ips = _measure(args.child, args.recipe, args.compile, args.steps, args.skip)
+        print(json.dumps({"images_per_s": ips}))
+        return 0
     c = get_recipe(args.recipe).replace(compile=args.compile)
-    skip = max(args.skip, 60) if args.compile else args.skip
-    results: dict[str, list[float]] = {"timm_plain_eager_loop": [], "vitlab_train": []}
-    with tempfile.TemporaryDirectory(prefix="vitlab-train-throughput-") as tmp:
-        for r in range(args.rounds):
-            results["timm_plain_eager_loop"].append(plain_timm_loop(c, args.steps, args.skip))
-            results["vitlab_train"].append(vitlab_train(c, args.steps, skip, Path(tmp)))
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()), flush=True)
+    results: dict[str, list[float]] = {k: [] for k in MEASUREMENTS}
+    for r in range(args.rounds):
+        for kind in MEASUREMENTS:
+            results[kind].append(_measure_in_child(kind, args))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["vitlab_train"] / med["timm_plain_eager_loop"]
     print(f"median images/s: {med}; vitlab train / timm plain loop = {ratio:.3f}")

@@ -403,14 +403,70 @@ def load_state_dict_file(path: Path, overrides: Mapping[str, Any]) -> Checkpoint
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# timm's ViT size names and their head counts (timm/models/vision_transformer.py, and DeiT's)
+_TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16}
+TIMM_WEIGHTS_NAMES = (WEIGHTS_NAME, "pytorch_model.bin")
+
+
+def _timm_heads(architecture: str) -> int | None:
+    m = re.match(r"(?:vit|deit3?)_(tiny|small|medium|base|large|huge|giant)_patch", architecture)
+    return _TIMM_HEADS[m.group(1)] if m else None
+
+
+def load_timm_dir(path: Path, overrides: Mapping[str, Any]) -> Checkpoint:
+    """A timm Hugging Face Hub folder (``timm.models.push_to_hf_hub`` / ``save_for_hf``, or ``vitlab convert
+    --to timm``): config.json with ``architecture`` and ``pretrained_cfg``, weights in timm's key names."""
+    meta = read_config_json(path)
+    arch = meta.get("architecture")
+    weights = next((path / n for n in TIMM_WEIGHTS_NAMES if (path / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(
+            f"{path} is a timm folder ({arch}) without weights: expected {' or '.join(TIMM_WEIGHTS_NAMES)}"
+        )
+    model_args = meta.get("model_args") or {}
+    # newer exports nest the data config under pretrained_cfg; older ones keep it at the top level
+    nested = meta.get("pretrained_cfg")
+    pcfg: dict[str, Any] = nested if isinstance(nested, dict) else meta
+    heads = model_args.get("num_heads") or _timm_heads(str(arch))
+    if heads is None and "num_heads" not in overrides:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: cannot tell the head count of architecture {arch!r} (no model_args.num_heads): "
+            "pass num_heads to from_pretrained"
+        )
+    known: dict[str, Any] = {"num_heads": heads} if heads else {}
+    size = pcfg.get("input_size")  # (C, H, W) of the saved weights: tells a non-square grid
+    if isinstance(size, list) and len(size) == 3 and "image_size" not in overrides:
+        known["image_size"] = (int(size[1]), int(size[2]))
+    sd = read_state_dict(weights)
+    config = infer_timm_config(sd, {**overrides, **known})
+    pre = Preprocessing.for_config(config)
+    changes: dict[str, Any] = {}
+    if "mean" in pcfg and "std" in pcfg:
+        changes.update(mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]))
+    if pcfg.get("interpolation") in ("bilinear", "bicubic"):
+        changes["interpolation"] = pcfg["interpolation"]
+    if pcfg.get("crop_pct"):
+        changes["crop_pct"] = float(pcfg["crop_pct"])
+    try:
+        pre = pre.replace(**changes)
+    except ValueError as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: bad preprocessing in pretrained_cfg: {e}") from e
+    names = meta.get("label_names", pcfg.get("label_names"))
+    if isinstance(names, dict):  # {"index": name}: kept only when no index is missing
+        names = [names.get(str(i)) for i in range(config.num_classes)]
+    class_names = None
+    if isinstance(names, list) and len(names) == config.num_classes and all(n is not None for n in names):
+        class_names = [str(n) for n in names]
+    return Checkpoint(sd, config, pre, class_names, "timm_dir" if heads else "timm")
+
 
 # ------------------------------------------------------------------------------- from_pretrained
 def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpoint:
     """Read ``source`` into vitlab's layout.
 
     ``source`` is a registry name (``vitlab models --pretrained``), an http(s) URL (downloaded to the cache), a
-    vitlab or HF transformers directory, or a file: Google vit_jax / big_vision ``.npz``, or a timm /
-    torchvision state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``).
+    vitlab, HF transformers or timm (Hugging Face Hub layout) directory, or a file: Google vit_jax / big_vision
+    ``.npz``, or a timm / torchvision state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``).
     """
     from vitlab import hub
 
@@ -428,14 +484,16 @@ def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpo
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointError(
                 f"{path} is a directory without {CONFIG_NAME}; expected a vitlab checkpoint (config.json + "
-                f"{WEIGHTS_NAME}) or an HF transformers one"
+                f"{WEIGHTS_NAME}), an HF transformers or a timm one"
             )
         meta = read_config_json(path)
         if meta.get("format") == FORMAT_TAG:
             return load_vitlab_dir(path)
         if "model_type" in meta:
             return load_hf_dir(path, overrides)
-        raise CheckpointError(f"{path / CONFIG_NAME} is neither a vitlab config nor an HF transformers one")
+        if "architecture" in meta:
+            return load_timm_dir(path, overrides)
+        raise CheckpointError(f"{path / CONFIG_NAME} is neither a vitlab, an HF transformers nor a timm config")
     if not path.exists():
         raise CheckpointError(
             f"no checkpoint at {path}: not a file, a directory, an http(s) URL or a registered name "
@@ -445,7 +503,7 @@ def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpo
 
 
 # formats whose files say how many heads there are
-_HEADS_KNOWN = ("vitlab", "vit_jax", "big_vision", "hf")
+_HEADS_KNOWN = ("vitlab", "vit_jax", "big_vision", "hf", "timm_dir")
 
 
 def from_pretrained(

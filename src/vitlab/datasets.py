@@ -229,6 +229,9 @@ def batches(
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     if start < 0:
         raise DataError(f"start must be >= 0, got {start!r}")
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{name} must be an int, got {value!r}")
     if not 0 <= rank < world_size:
         raise DataError(f"need 0 <= rank < world_size, got rank {rank!r}, world_size {world_size!r}")
     n = len(data)

@@ -311,7 +311,7 @@ def train(
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
         step, epoch, micro_pos, best_val = state["step"], state["epoch"], state["micro_pos"], state["best_val"]
-        torch.set_rng_state(state["rng"][d.rank])
+        _restore_rng(state["rng"][d.rank], device)
         log(f"resumed at step {step} (epoch {epoch}, batch {micro_pos})")
 
     net: nn.Module = model
@@ -325,15 +325,18 @@ def train(
     metrics = _Metrics(out, step, d.main)
     if d.main:
         atomic_write_json(out / RUN_CONFIG_NAME, c.to_dict())
+        mc = model.config
         log(
-            f"{c.recipe}: {c.model} {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{c.recipe}: {c.model} (patch {mc.patch_size}, width {mc.hidden_dim}, depth {mc.num_layers}, "
+            f"{mc.num_heads} heads, MLP {mc.mlp_dim}, {h}x{w} input) "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{len(train_set)} train / {len(data.val)} val images, {total} steps of "
             f"{c.batch_size}x{d.world_size}x{c.accum_steps} (global batch "
             f"{c.batch_size * d.world_size * c.accum_steps}), {steps_per_epoch} steps per epoch"
         )
 
     def save() -> None:
-        rngs = _gather_rng(d)
+        rngs = _gather_rng(d, device)
         if not d.main:
             return
         metrics.flush()  # first: rows past the saved step are dropped on resume, missing ones never come back
@@ -531,8 +534,12 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _gather_rng(d: Dist) -> list[Tensor]:
-    state = torch.get_rng_state()
+def _gather_rng(d: Dist, device: torch.device) -> list[dict[str, Tensor]]:
+    """Every process's generator states: the CPU one (augmentation, drop path on CPU) and, on a GPU, the
+    device's (dropout and drop path draw there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if d.world_size == 1:
         return [state]
     import torch.distributed as dist
@@ -540,6 +547,14 @@ def _gather_rng(d: Dist) -> list[Tensor]:
     states: list[Any] = [None] * d.world_size
     dist.all_gather_object(states, state)
     return states
+
+
+def _restore_rng(saved: Tensor | dict[str, Tensor], device: torch.device) -> None:
+    if isinstance(saved, Tensor):  # runs saved before the GPU generator was kept: CPU state only
+        saved = {"cpu": saved}
+    torch.set_rng_state(saved["cpu"])
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(saved["cuda"], device)
 
 
 def _any_rank(flag: bool, d: Dist) -> bool:

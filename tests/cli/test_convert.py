@@ -59,6 +59,9 @@ def test_convert_to_timm_round_trip(npz: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(reference(x), ours(x), atol=ATOL, rtol=ATOL)
     back = vitlab.from_pretrained(out / "model.safetensors", num_heads=4)  # timm -> vitlab again
     torch.testing.assert_close(back(x), ours(x), atol=ATOL, rtol=ATOL)
+    folder = vitlab.from_pretrained(out)  # the folder itself: heads and preprocessing from its config.json
+    assert folder.config == ours.config and folder.preprocessing == ours.preprocessing
+    torch.testing.assert_close(folder(x), ours(x), atol=ATOL, rtol=ATOL)
 
 
 @torch.no_grad()

@@ -91,3 +91,31 @@ def test_a_bare_state_dict_without_position_tensors_needs_pos_embed(tmp_path: Pa
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
+
+
+@torch.no_grad()
+def test_from_pretrained_reads_a_timm_hub_folder(tmp_path: Path) -> None:
+    """A folder as timm itself writes it for the Hugging Face Hub (``timm.models.save_for_hf``): config.json
+    with architecture, model_args and pretrained_cfg beside model.safetensors."""
+    import timm
+    from timm.models import save_for_hf
+
+    reference = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), num_classes=3, depth=2
+    ).eval()
+    for p in reference.parameters():
+        p.normal_(0, 0.2)
+    save_for_hf(reference, str(tmp_path), model_config={"label_names": ["cat", "dog", "eel"]}, safe_serialization=True)
+    ours = vitlab.from_pretrained(tmp_path)
+    assert ours.config.num_heads == 3 and ours.config.image_size == (32, 48) and ours.config.num_layers == 2
+    saved = reference.pretrained_cfg
+    assert isinstance(saved, dict)
+    assert ours.preprocessing.mean == tuple(saved["mean"]) and ours.preprocessing.crop_pct == saved["crop_pct"]
+    assert ours.class_names == ["cat", "dog", "eel"]
+    x = torch.randn(2, 3, 32, 48)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(vitlab.CheckpointError, match="num_heads=3"):
+        vitlab.from_pretrained(tmp_path, num_heads=4)  # the folder says how many heads there are
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(vitlab.CheckpointError, match="without weights"):
+        vitlab.from_pretrained(tmp_path)

@@ -560,6 +560,7 @@ def test_batches_shard_an_epoch_across_processes() -> None:
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
     single = _labels(batches(data, 2, shuffle=True, generator=torch.Generator().manual_seed(5), rank=0, world_size=1))
     assert sorted(itertools.chain.from_iterable(single)) == list(range(23))
-    for rank, world_size in [(3, 3), (-1, 2)]:
-        with pytest.raises(DataError, match="rank"):
+    bad: list[tuple[Any, Any]] = [(3, 3), (-1, 2), (0.0, 2), (0, "2"), (True, 2)]
+    for rank, world_size in bad:
+        with pytest.raises(DataError, match=r"rank|world_size"):
             next(batches(data, 2, shuffle=False, rank=rank, world_size=world_size))

@@ -56,3 +56,19 @@ def test_resume_may_switch_on_grad_checkpointing_and_compile(tmp_path: Path, mon
     assert any("ignoring given compile, lr" in line for line in logs), logs
     with pytest.raises(ValueError, match="runtime switches"):
         train(TINY, tmp_path / "run", resume=True, progress=False, runtime={"lr": True})
+
+
+def test_restore_rng_reads_both_state_layouts() -> None:
+    """Training states keep a dict of generator states per process; states saved before that hold the CPU
+    generator's tensor alone, and both restore the CPU stream exactly."""
+    from vitlab.train import Dist, _gather_rng, _restore_rng
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(123)
+    (saved,) = _gather_rng(Dist(rank=0, world_size=1, local_rank=0), cpu)
+    assert set(saved) == {"cpu"}  # no GPU generator on a CPU run
+    expected = torch.rand(5)
+    for layout in (saved, saved["cpu"]):
+        torch.manual_seed(0)
+        _restore_rng(layout, cpu)
+        torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
