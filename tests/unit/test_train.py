@@ -72,3 +72,20 @@ def test_restore_rng_reads_both_state_layouts() -> None:
         torch.manual_seed(0)
         _restore_rng(layout, cpu)
         torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
+
+
+def test_every_named_recipe_resolves_to_a_buildable_model() -> None:
+    """Each recipe is a valid TrainConfig under its own name, and its architecture builds for its data
+    (28x28 grey for the Fashion-MNIST recipes; the paper and DeiT recipes are for ImageNet-style folders given
+    with --data, at the preset's own size)."""
+    from vitlab.config import ViTConfig
+    from vitlab.recipes import RECIPES, get_recipe
+
+    for name in RECIPES:
+        c = get_recipe(name)
+        assert c.recipe == name
+        size = dict(image_size=28, in_channels=1, num_classes=10) if name.startswith("fashion-mnist") else {}
+        config = ViTConfig.from_name(c.model, **size, **c.model_overrides)
+        assert config.num_patches >= 1
+    long = get_recipe("fashion-mnist-2h")
+    assert long.model_overrides["patch_size"] == 4 and long.ema_decay and long.augment.crop == "pad"
