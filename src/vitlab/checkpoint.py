@@ -383,7 +383,7 @@ def load_state_dict_file(path: Path, overrides: Mapping[str, Any]) -> Checkpoint
         return Checkpoint(state, config, Preprocessing.for_config(config), None, layout)
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise CheckpointError(
-            f"unknown checkpoint type {path.name!r}: expected a directory (vitlab or HF transformers) or a file "
+            f"unknown checkpoint type {path.name!r}: expected a directory (vitlab, HF transformers or timm) or a file "
             f"ending in .npz, {', '.join(STATE_DICT_SUFFIXES)}"
         )
     sd = read_state_dict(path)
@@ -409,7 +409,7 @@ TIMM_WEIGHTS_NAMES = (WEIGHTS_NAME, "pytorch_model.bin")
 
 
 def _timm_heads(architecture: str) -> int | None:
-    m = re.match(r"(?:vit|deit3?)_(tiny|small|medium|base|large|huge|giant)_patch", architecture)
+    m = re.match(r"(?:vit|deit)_(tiny|small|medium|base|large|huge|giant)_patch", architecture)
     return _TIMM_HEADS[m.group(1)] if m else None
 
 
@@ -433,12 +433,22 @@ def load_timm_dir(path: Path, overrides: Mapping[str, Any]) -> Checkpoint:
             f"{path / CONFIG_NAME}: cannot tell the head count of architecture {arch!r} (no model_args.num_heads): "
             "pass num_heads to from_pretrained"
         )
+    _refuse_timm_variants(path, model_args)
     known: dict[str, Any] = {"num_heads": heads} if heads else {}
-    size = pcfg.get("input_size")  # (C, H, W) of the saved weights: tells a non-square grid
-    if isinstance(size, list) and len(size) == 3 and "image_size" not in overrides:
-        known["image_size"] = (int(size[1]), int(size[2]))
+    # the weights' size tells a non-square grid: model_args.img_size, else pretrained_cfg's (C, H, W)
+    size, input_size = model_args.get("img_size"), pcfg.get("input_size")
+    if size is None and isinstance(input_size, list) and len(input_size) == 3:
+        size = input_size[1:]
+    if size is not None and "image_size" not in overrides:
+        known["image_size"] = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     sd = read_state_dict(weights)
     config = infer_timm_config(sd, {**overrides, **known})
+    pool = model_args.get("global_pool", meta.get("global_pool"))
+    if pool not in (None, "") and pool != {"token": "token", "gap": "avg"}[config.pool]:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: global_pool={pool!r} with{'' if config.pool == 'token' else 'out'} a class "
+            "token; vitlab pools with the class token ('token') or, without one, by the mean ('avg')"
+        )
     pre = Preprocessing.for_config(config)
     changes: dict[str, Any] = {}
     if "mean" in pcfg and "std" in pcfg:
@@ -451,13 +461,32 @@ def load_timm_dir(path: Path, overrides: Mapping[str, Any]) -> Checkpoint:
         pre = pre.replace(**changes)
     except ValueError as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: bad preprocessing in pretrained_cfg: {e}") from e
-    names = meta.get("label_names", pcfg.get("label_names"))
+    names = meta.get("label_names") or pcfg.get("label_names") or pcfg.get("labels")  # "labels": older exports
     if isinstance(names, dict):  # {"index": name}: kept only when no index is missing
         names = [names.get(str(i)) for i in range(config.num_classes)]
     class_names = None
-    if isinstance(names, list) and len(names) == config.num_classes and all(n is not None for n in names):
+    if isinstance(names, list) and names and len(names) == config.num_classes and None not in names:
         class_names = [str(n) for n in names]
     return Checkpoint(sd, config, pre, class_names, "timm_dir" if heads else "timm")
+
+
+def _refuse_timm_variants(path: Path, model_args: Mapping[str, Any]) -> None:
+    """timm ViT options that change the computation without changing the paper's key names."""
+    act = model_args.get("act_layer")
+    unsupported = {
+        "act_layer": act is not None and act != "gelu",
+        "no_embed_class": bool(model_args.get("no_embed_class")),
+        "reg_tokens": bool(model_args.get("reg_tokens")),
+        "init_values": model_args.get("init_values") is not None,
+        "pre_norm": bool(model_args.get("pre_norm")),
+        "qk_norm": bool(model_args.get("qk_norm")),
+    }
+    found = [f"{k}={model_args[k]!r}" for k, bad in unsupported.items() if bad]
+    if found:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: a timm ViT variant vitlab does not implement ({', '.join(found)}); vitlab loads "
+            "the paper's architecture (GELU MLP, position embeddings on every token, no LayerScale or registers)"
+        )
 
 
 # ------------------------------------------------------------------------------- from_pretrained

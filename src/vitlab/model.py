@@ -199,8 +199,8 @@ class DropPath(nn.Module):
 
 # On CPU, up to this many tokens attention is computed as written (two batched matmuls and a softmax, which
 # torch.compile fuses) rather than by SDPA's flash kernel, whose blocking costs more than it saves on short
-# sequences: the compiled demo training step (17 tokens) measured 4% faster, 50 tokens equal
-# (docs/performance.md). Longer sequences and GPUs use SDPA.
+# sequences: the compiled demo training step (17 tokens) measured 5% faster, 50 tokens equal
+# (docs/performance.md). Longer sequences, GPUs and bf16 use SDPA.
 EXPLICIT_ATTENTION_MAX_TOKENS = 64
 
 
@@ -241,7 +241,12 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        if x.device.type == "cpu" and x.shape[1] <= EXPLICIT_ATTENTION_MAX_TOKENS:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")  # SDPA keeps its softmax in fp32 under bf16
+            and x.shape[1] <= EXPLICIT_ATTENTION_MAX_TOKENS
+        ):
             return self.forward_explicit(x, grid)[0]
         q, k, v = self._qkv(x)
         out = F.scaled_dot_product_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,18 @@ def test_from_pretrained_reads_a_timm_hub_folder(tmp_path: Path) -> None:
     torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(vitlab.CheckpointError, match="num_heads=3"):
         vitlab.from_pretrained(tmp_path, num_heads=4)  # the folder says how many heads there are
+    saved_config = (tmp_path / "config.json").read_text()
+    for change, message in [
+        ({"global_pool": "avg"}, "global_pool='avg'"),  # same keys as token pooling: must not load silently
+        ({"act_layer": "quick_gelu"}, "act_layer"),
+        ({"init_values": 1e-5}, "init_values"),
+    ]:
+        meta = json.loads(saved_config)
+        meta["model_args"].update(change)
+        (tmp_path / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(vitlab.CheckpointError, match=message):
+            vitlab.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(saved_config)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(vitlab.CheckpointError, match="without weights"):
         vitlab.from_pretrained(tmp_path)

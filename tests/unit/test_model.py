@@ -446,3 +446,8 @@ def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypa
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for explicit, fused in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(vm, "EXPLICIT_ATTENTION_MAX_TOKENS", 64)
+    sdpa_calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # bf16: SDPA keeps the softmax in fp32
+        model(images)
+    assert len(sdpa_calls) == tiny.num_layers
