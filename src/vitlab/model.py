@@ -91,8 +91,8 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _compiled_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """dW = dy^T @ x inside a compiled graph: the two transposes are made contiguous as graph operations, which
     inductor writes from the kernels that produce dy and x (fused with them), so oneDNN gets dense operands
-    instead of copying strided views inside its call. Measured on the demo model's training step: 68 -> 58 ms
-    (docs/performance.md)."""
+    instead of copying strided views inside its call. Measured on the demo model's compiled training step:
+    56.8 -> 51.6 ms (``python benchmarks/step_variants.py``, docs/performance.md)."""
     g = grad.reshape(-1, grad.shape[-1])
     if g.shape[0] == 0:  # an empty batch: oneDNN refuses a zero-length reduction
         return grad.new_zeros((grad.shape[-1], x.shape[-1]))
