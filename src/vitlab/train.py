@@ -69,6 +69,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this run created the process group (and so ends it)
 
     @property
     def main(self) -> bool:
@@ -83,12 +84,13 @@ def init_distributed() -> Dist:
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world_size=world, local_rank=local)
+    return Dist(rank=rank, world_size=world, local_rank=local, owns_group=owns)
 
 
 def _device(d: Dist) -> torch.device:
@@ -483,6 +485,13 @@ def train(
         metrics.flush()
         atomic_write_json(out / RESULTS_NAME, summary)
         _plot_curves(out)
+    # the other ranks wait for rank 0's test pass: a process leaving while the group is still in use can abort
+    # in gloo's teardown ("terminate called without an active exception", seen once in CI)
+    _barrier(d)
+    if d.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return result
 
 
