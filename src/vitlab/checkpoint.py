@@ -413,10 +413,11 @@ def _timm_heads(architecture: str) -> int | None:
     return _TIMM_HEADS[m.group(1)] if m else None
 
 
-def load_timm_dir(path: Path, overrides: Mapping[str, Any]) -> Checkpoint:
+def load_timm_dir(path: Path, overrides: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Checkpoint:
     """A timm Hugging Face Hub folder (``timm.models.push_to_hf_hub`` / ``save_for_hf``, or ``vitlab convert
-    --to timm``): config.json with ``architecture`` and ``pretrained_cfg``, weights in timm's key names."""
-    meta = read_config_json(path)
+    --to timm``): config.json (``meta``, if already read) with ``architecture`` and ``pretrained_cfg``, weights
+    in timm's key names."""
+    meta = dict(meta) if meta is not None else read_config_json(path)
     arch = meta.get("architecture")
     weights = next((path / n for n in TIMM_WEIGHTS_NAMES if (path / n).is_file()), None)
     if weights is None:
@@ -521,7 +522,7 @@ def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpo
         if "model_type" in meta:
             return load_hf_dir(path, overrides)
         if "architecture" in meta:
-            return load_timm_dir(path, overrides)
+            return load_timm_dir(path, overrides, meta)
         raise CheckpointError(f"{path / CONFIG_NAME} is neither a vitlab, an HF transformers nor a timm config")
     if not path.exists():
         raise CheckpointError(

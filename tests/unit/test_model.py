@@ -286,18 +286,26 @@ def _tiny_vit() -> ViT:
     return ViT(config).train()
 
 
+def _assert_matches_plain_linear(
+    model: vitlab.ViT, loss: Tensor, grads: dict[str, Tensor], monkeypatch: pytest.MonkeyPatch, loss_atol: float
+) -> None:
+    """``loss`` and ``grads`` (from the oneDNN path) equal the same step with oneDNN off (plain F.linear)."""
+    from vitlab import model as vm
+
+    monkeypatch.setattr(vm, "_ONEDNN", False)
+    ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=loss_atol)
+    assert grads.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_onednn_training_step_matches_plain_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole ViT's loss and every parameter gradient agree with the nn.Linear path."""
-    from vitlab import model as vm
 
     model = _tiny_vit()
     loss, fast = _tiny_vit_loss_and_grads(model, model)
-    monkeypatch.setattr(vm, "_ONEDNN", False)
-    ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    assert fast.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
-    for name in ref:
-        torch.testing.assert_close(fast[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_matches_plain_linear(model, loss, fast, monkeypatch, loss_atol=1e-6)
 
 
 def test_onednn_custom_ops_pass_opcheck() -> None:
@@ -412,12 +420,7 @@ def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.Monkey
         patched.setattr(vm, "onednn_linear", counting)  # what the custom operators call at run time
         loss, compiled = _tiny_vit_loss_and_grads(torch.compile(model), model)
     assert len(calls) >= 3 * 2 * 4  # forward + two gradients, for the 4 linear layers of each of the 2 blocks
-    monkeypatch.setattr(vm, "_ONEDNN", False)
-    ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    assert compiled.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
-    for name in ref:
-        torch.testing.assert_close(compiled[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _assert_matches_plain_linear(model, loss, compiled, monkeypatch, loss_atol=1e-5)
 
 
 def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypatch: pytest.MonkeyPatch) -> None:
