@@ -34,6 +34,7 @@ class TrainConfig:
     model: str = "Ti/4"  # a preset name, e.g. "S/4"
     model_overrides: ModelOverrides = field(default_factory=dict)
     init_from: str | None = None  # anything vitlab.from_pretrained takes: fine-tune from it
+    keep_head: bool = False  # with init_from: keep its classifier (same classes) instead of a new zero head
     data: str = "fashion-mnist"
     val_fraction: float = 0.1
     limit: int | None = None  # train on the first `limit` images only (quick runs)
@@ -88,6 +89,7 @@ class TrainConfig:
             (self.checkpoint_every is None or self.checkpoint_every > 0, "checkpoint_every must be > 0"),
             (self.limit is None or self.limit > 0, f"limit must be > 0, got {self.limit}"),
             (self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}"),
+            (not self.keep_head or self.init_from is not None, "keep_head needs init_from (a model to keep it from)"),
             (self.eval_every > 0, f"eval_every must be > 0 (epochs), got {self.eval_every}"),
             (self.eval_batch_size > 0, f"eval_batch_size must be > 0, got {self.eval_batch_size}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),

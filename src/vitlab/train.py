@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -274,10 +274,14 @@ def train(
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
         arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
-        model = from_pretrained(c.init_from, num_classes=num_classes, image_size=(h, w), in_channels=channels, **arch)
+        head = {} if c.keep_head else {"num_classes": num_classes}
+        model = from_pretrained(c.init_from, image_size=(h, w), in_channels=channels, **head, **arch)
         # from_pretrained already fitted the checkpoint's statistics to the channel count
         mean, std = c.mean or model.preprocessing.mean, c.std or model.preprocessing.std
-        model.reset_classifier(num_classes)  # the paper: a zero-initialised head for the new task
+        if c.keep_head:  # continue on the same classes, e.g. the paper's low-res training, then higher-res tuning
+            _check_kept_head(model, train_set.class_names, c.init_from)
+        else:
+            model.reset_classifier(num_classes)  # the paper: a zero-initialised head for the new task
     else:
         model = create_model(c.model, image_size=(h, w), in_channels=channels, num_classes=num_classes, **arch)
         stats = normalize_stats(train_set)
@@ -517,6 +521,21 @@ class _CompiledOrEager:
             return self.eager(x)
         self.chosen = self.compiled
         return out
+
+
+def _check_kept_head(model: ViT, class_names: Sequence[str], source: str) -> None:
+    """keep_head continues a classifier: it must predict the same classes, in the same order, as the data."""
+    k = model.config.num_classes
+    if k != len(class_names):
+        raise ValueError(
+            f"--keep-head: {source} has {k} output(s) but the data has {len(class_names)} classes; "
+            "drop --keep-head to train a new head"
+        )
+    if model.class_names is not None and list(model.class_names) != list(class_names):
+        raise ValueError(
+            f"--keep-head: {source} predicts classes {list(model.class_names)[:5]}... but the data's are "
+            f"{list(class_names)[:5]}... (names or order differ); drop --keep-head to train a new head"
+        )
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

@@ -227,6 +227,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
         (["--set", "optimizer=lamb"], "optimizer='lamb' is not a Literal"),
         (["--accum-steps", "64"], "fewer than accum_steps=64"),
         (["--set", "model_overrides=3"], "model_overrides needs a JSON object"),
+        (["--keep-head"], "keep_head needs init_from"),
     ],
 )
 def test_bad_training_settings_exit_2_with_a_message(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -89,3 +89,38 @@ def test_every_named_recipe_resolves_to_a_buildable_model() -> None:
         assert config.num_patches >= 1
     long = get_recipe("fashion-mnist-2h")
     assert long.model_overrides["patch_size"] == 4 and long.ema_decay and long.augment.crop == "pad"
+
+
+def test_keep_head_continues_the_classifier_at_a_new_resolution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init_from zero-initialises a new head (the paper's transfer); keep_head continues the checkpoint's own
+    head on the same classes, e.g. after training at a lower resolution, and refuses a head for other classes."""
+    import vitlab
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    train(TINY.replace(image_size=14), tmp_path / "low", progress=False)  # 2 x 2 patches of 7
+    source = load_file(str(tmp_path / "low" / "model.safetensors"))["head.weight"]
+    assert source.abs().max() > 1e-3  # trained away from its zero start
+    still = TINY.replace(init_from=str(tmp_path / "low"), lr=1e-9, max_steps=1)  # 28x28: 4 x 4 patches
+    train(still.replace(keep_head=True), tmp_path / "kept", progress=False)
+    train(still, tmp_path / "new", progress=False)
+    kept = load_file(str(tmp_path / "kept" / "model.safetensors"))
+    new = load_file(str(tmp_path / "new" / "model.safetensors"))
+    assert kept["pos_embed"].shape[1] == 1 + 16  # the positions were resampled to the new grid
+    torch.testing.assert_close(kept["head.weight"], source, rtol=0, atol=1e-6)
+    assert new["head.weight"].abs().max() < 1e-6
+
+    with pytest.raises(ValueError, match="keep_head needs init_from"):
+        TINY.replace(keep_head=True)
+    other = vitlab.create_model("Ti/7", image_size=28, in_channels=1, hidden_dim=32, num_layers=2, num_heads=2,
+                                mlp_dim=64, num_classes=3)  # fmt: skip
+    other.save_pretrained(tmp_path / "three")
+    with pytest.raises(ValueError, match=r"has 3 output.*10 classes"):
+        train(still.replace(init_from=str(tmp_path / "three"), keep_head=True), tmp_path / "bad", progress=False)
+    renamed = vitlab.from_pretrained(tmp_path / "low")
+    renamed.class_names = [f"c{i}" for i in range(10)]
+    renamed.save_pretrained(tmp_path / "renamed")
+    with pytest.raises(ValueError, match="names or order differ"):
+        train(still.replace(init_from=str(tmp_path / "renamed"), keep_head=True), tmp_path / "bad2", progress=False)
+    assert not (tmp_path / "bad2" / "run_config.json").exists()  # refused before the run folder is written

@@ -65,6 +65,12 @@ def add_parser(sub: Any) -> None:
         help="recompute each block's activations in the backward pass (less memory, about 1/3 more compute)",
     )
     p.add_argument(
+        "--keep-head",
+        action="store_true",
+        default=None,
+        help="with --init-from: keep the model's classifier (same classes, e.g. continuing at a higher resolution)",
+    )
+    p.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -90,6 +96,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
         changes["compile"] = args.compile
     if args.grad_checkpointing:
         changes["grad_checkpointing"] = True
+    if args.keep_head:
+        changes["keep_head"] = True
     aug = dataclasses.asdict(config.augment)
     model = dict(config.model_overrides)
     if args.model is not None and args.model != config.model:
