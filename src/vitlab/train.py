@@ -274,8 +274,9 @@ def train(
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
         arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
-        head = {} if c.keep_head else {"num_classes": num_classes}
-        model = from_pretrained(c.init_from, image_size=(h, w), in_channels=channels, **head, **arch)
+        if not c.keep_head:
+            arch["num_classes"] = num_classes  # else the checkpoint's own head
+        model = from_pretrained(c.init_from, image_size=(h, w), in_channels=channels, **arch)
         # from_pretrained already fitted the checkpoint's statistics to the channel count
         mean, std = c.mean or model.preprocessing.mean, c.std or model.preprocessing.std
         if c.keep_head:  # continue on the same classes, e.g. the paper's low-res training, then higher-res tuning
