@@ -39,6 +39,7 @@ from vitlab.config import Preprocessing
 from vitlab.datasets import batches, load_data, normalize_stats
 from vitlab.evaluate import evaluate_tensors
 from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
+from vitlab.malloc import keep_freed_memory
 from vitlab.model import ViT, create_model
 from vitlab.recipes import TrainConfig
 
@@ -251,6 +252,7 @@ def train(
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
+    keep_freed_memory()  # steady page-fault-free steps on CPU (vitlab.malloc)
     torch.manual_seed(c.seed + d.rank)
     device = _device(d)
 
