@@ -38,7 +38,7 @@ def run_demo(out: Path, recipe: str = "fashion-mnist-demo", progress: bool = Tru
     log("[2/4] evaluating on the Fashion-MNIST test split ...")
     model = from_pretrained(out).eval()
     pre = model.preprocessing
-    data = load_data(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    data = load_data(config.dataset, val_fraction=config.val_fraction, seed=config.seed)
     test = data.test
     assert test is not None
     logits = predict_logits(model, test.images, pre.mean, pre.std)

@@ -115,7 +115,7 @@ def train_resnet(c: TrainConfig, test: ImageTensors) -> dict[str, Any]:
     if c.max_steps is None or c.warmup_steps is None:
         raise ValueError("the ResNet loop needs max_steps and warmup_steps set, to match the ViT budget")
     torch.manual_seed(c.seed)
-    data = load_data(c.data, val_fraction=c.val_fraction, seed=c.seed, limit=c.limit)
+    data = load_data(c.dataset, val_fraction=c.val_fraction, seed=c.seed, limit=c.limit)
     train_set = data.train
     mean, std = normalize_stats(train_set)
     model = resnet18_grey(len(train_set.class_names))

@@ -35,7 +35,7 @@ class TrainConfig:
     model_overrides: ModelOverrides = field(default_factory=dict)
     init_from: str | None = None  # anything vitlab.from_pretrained takes: fine-tune from it
     keep_head: bool = False  # with init_from: keep its classifier (same classes) instead of a new zero head
-    data: str = "fashion-mnist"
+    data: str | None = "fashion-mnist"  # None: the recipe is for data the user names (--data)
     val_fraction: float = 0.1
     limit: int | None = None  # train on the first `limit` images only (quick runs)
     image_size: int | None = None  # resize inputs (and resample positions of an --init-from model)
@@ -101,6 +101,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def dataset(self) -> str:
+        """``data``, or a ValueError saying to name one (the ImageNet-style recipes have no default)."""
+        if self.data is None:
+            raise ValueError(
+                f"recipe {self.recipe!r} has no default dataset: name one with --data (e.g. an image folder)"
+            )
+        return self.data
 
     def replace(self, **changes: Any) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(self)}
@@ -175,6 +184,7 @@ def paper_finetune() -> TrainConfig:
     zero-initialised head, batch 512 (here 64 x 8 accumulation), 384 resolution on ImageNet."""
     return TrainConfig(
         recipe="paper-finetune",
+        data=None,  # ImageNet-style: an image folder given with --data
         model="B/16",
         optimizer="sgd",
         momentum=0.9,
@@ -198,6 +208,7 @@ def paper_pretrain() -> TrainConfig:
     what torch's AdamW does; torch's Adam with weight_decay would add an L2 term to the gradient instead."""
     return TrainConfig(
         recipe="paper-pretrain",
+        data=None,  # ImageNet-style: an image folder given with --data
         model="B/16",
         optimizer="adamw",
         betas=(0.9, 0.999),
@@ -218,6 +229,7 @@ def deit() -> TrainConfig:
     CutMix 1.0, random erasing 0.25, label smoothing 0.1, drop path 0.1, 5 warm-up epochs, cosine."""
     return TrainConfig(
         recipe="deit",
+        data=None,  # ImageNet-style: an image folder given with --data
         model="S/16",
         model_overrides=dict(drop_path=0.1),
         optimizer="adamw",

@@ -237,6 +237,8 @@ def train(
         raise ValueError(f"runtime switches are {list(RUNTIME_FIELDS)}, not {unknown}")
     config = config.replace(**runtime)
     out = Path(out)
+    if not resume:
+        _ = config.dataset  # a recipe without a default dataset stops here, before anything is written
     d = init_distributed()
     prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
     _barrier(d)
@@ -259,7 +261,7 @@ def train(
     # ---------------------------------------------------------------- data
     model_size = c.image_size or c.model_overrides.get("image_size")
     data = load_data(
-        c.data, val_fraction=c.val_fraction, seed=c.seed, image_size=model_size, channels=c.channels, limit=c.limit
+        c.dataset, val_fraction=c.val_fraction, seed=c.seed, image_size=model_size, channels=c.channels, limit=c.limit
     )
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")

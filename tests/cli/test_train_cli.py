@@ -236,6 +236,14 @@ def test_bad_training_settings_exit_2_with_a_message(tmp_path: Path, flags: list
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("recipe", ["paper-finetune", "paper-pretrain", "deit"])
+def test_imagenet_style_recipes_ask_for_data(tmp_path: Path, recipe: str) -> None:
+    r = run("train", "--recipe", recipe, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr
+    assert f"recipe '{recipe}' has no default dataset: name one with --data" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_set_model_overrides_replaces_the_recipes_model_fields(tmp_path: Path) -> None:
     r = run(
         "train", "--recipe", "fashion-mnist-demo", "--out", str(tmp_path / "run"), "--print-config",
