@@ -423,6 +423,42 @@ def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.Monkey
     _assert_matches_plain_linear(model, loss, compiled, monkeypatch, loss_atol=1e-5)
 
 
+def test_inference_fuses_fc1_and_gelu_and_matches_the_two_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In inference each block's fc1 + GELU is one oneDNN call (eager and under inductor), with the same logits
+    as the plain nn.Linear + nn.GELU path; with gradients on, the two steps stay separate."""
+    from vitlab import model as vm
+
+    model = _tiny_vit().eval()
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    calls = []
+    kernel = vm.onednn_linear_gelu
+
+    def counting(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        calls.append(1)
+        return kernel(x, weight, bias)
+
+    with monkeypatch.context() as plain:
+        plain.setattr(vm, "_ONEDNN", False)
+        with torch.no_grad():
+            expected = model(images)
+    monkeypatch.setattr(vm, "onednn_linear_gelu", counting)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == model.config.num_layers
+    calls.clear()
+    with_grad = model(images)  # parameters require grad: fc1 and GELU as two differentiable steps
+    assert not calls and with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == model.config.num_layers  # the custom operator calls the kernel at run time
+    x, weight, bias = torch.randn(2, 5, 8), torch.randn(6, 8), torch.randn(6)
+    torch.library.opcheck(vm.linear_gelu_op, (x, weight, bias))
+    torch.library.opcheck(vm.linear_gelu_op, (x, weight, None))
+
+
 def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to EXPLICIT_ATTENTION_MAX_TOKENS tokens the CPU forward writes attention out; longer ones use SDPA.
     Both give the same outputs and gradients."""
