@@ -106,7 +106,9 @@ def run_demo(out: Path, recipe: str = "fashion-mnist-demo", progress: bool = Tru
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitlab.demo", description=__doc__)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--recipe", default="fashion-mnist-demo")
+    p.add_argument(
+        "--recipe", default="fashion-mnist-demo", choices=["fashion-mnist-demo", "fashion-mnist", "fashion-mnist-2h"]
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     run_demo(Path(args.out), args.recipe, progress=not args.no_progress)

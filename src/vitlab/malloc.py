@@ -8,6 +8,7 @@ mapping, zeroing and unmapping pages every step or not: measured here on the Fas
 against ~700 minor page faults per step, and 2,086-2,628 images/s from one fresh process to the next, against
 2,343-2,417 with the settings below (``docs/performance.md``). Fixing the thresholds removes that lottery.
 The cost: memory freed by the process is kept by it (up to its peak use) instead of returned to the system.
+Blocks of 32 MiB and more (glibc's limit for the threshold) are still mapped afresh each time.
 """
 
 from __future__ import annotations
@@ -26,18 +27,24 @@ SETTINGS = (
     (M_TRIM_THRESHOLD, 1 << 30),  # never give the heap's top back below 1 GiB free
     (M_TOP_PAD, 64 << 20),  # grow the heap in steps of 64 MiB: fewer brk calls
 )
-# the same knobs as environment variables: a user who set any of them keeps their own choice
-ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+# the same knobs as environment variables (and glibc's tunables): a user who set any of them keeps their choice
+ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> bool:
-    """Apply :data:`SETTINGS` to this process's glibc malloc. False (and nothing changed) off Linux, on another
-    C library (musl has no ``mallopt``), or when the user set glibc's own ``MALLOC_*`` variables."""
-    if not sys.platform.startswith("linux") or any(v in os.environ for v in ENV_VARS):
+    """Apply :data:`SETTINGS` to this process's glibc malloc; True if applied. False, with nothing changed, off
+    Linux, on another C library (musl has no ``mallopt``), with ``VITLAB_MALLOC=0``, or when the user set
+    glibc's own variables for these knobs (:data:`ENV_VARS`, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``)."""
+    if (
+        not sys.platform.startswith("linux")
+        or os.environ.get("VITLAB_MALLOC", "1") == "0"
+        or any(v in os.environ for v in ENV_VARS)
+        or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    ):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    return all([mallopt(param, value) == 1 for param, value in SETTINGS])  # every setting tried

@@ -230,7 +230,9 @@ def train(
     """Run (or resume) training as ``config`` says, writing everything under ``out``.
 
     ``runtime`` sets switches that change speed and memory but not the results (``compile``,
-    ``grad_checkpointing``); unlike the rest of ``config`` they apply on resume too, on top of the saved run."""
+    ``grad_checkpointing``); unlike the rest of ``config`` they apply on resume too, on top of the saved run.
+    On Linux with glibc it also sets the process's malloc to keep freed memory for reuse, for good
+    (:func:`vitlab.malloc.keep_freed_memory`; ``VITLAB_MALLOC=0`` opts out)."""
     runtime = dict(runtime or {})
     unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if unknown:
@@ -254,7 +256,8 @@ def train(
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)
-    keep_freed_memory()  # steady page-fault-free steps on CPU (vitlab.malloc)
+    if keep_freed_memory():  # no page faults for the same activation buffers every step (vitlab.malloc)
+        log("glibc malloc keeps freed memory for reuse (VITLAB_MALLOC=0 leaves malloc alone)")
     torch.manual_seed(c.seed + d.rank)
     device = _device(d)
 
@@ -277,14 +280,18 @@ def train(
     # --------------------------------------------------------------- model
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
-        arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
-        if not c.keep_head:
-            arch["num_classes"] = num_classes  # else the checkpoint's own head
+        if c.keep_head:  # continue on the same classes, e.g. the paper's low-res training, then higher-res tuning
+            head_fields = sorted({"num_classes", "representation_size"} & set(arch))
+            if head_fields:
+                raise ValueError(f"--keep-head keeps the checkpoint's head: drop the model override(s) {head_fields}")
+        else:
+            arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
+            arch["num_classes"] = num_classes
         model = from_pretrained(c.init_from, image_size=(h, w), in_channels=channels, **arch)
         # from_pretrained already fitted the checkpoint's statistics to the channel count
         mean, std = c.mean or model.preprocessing.mean, c.std or model.preprocessing.std
-        if c.keep_head:  # continue on the same classes, e.g. the paper's low-res training, then higher-res tuning
-            _check_kept_head(model, train_set.class_names, c.init_from)
+        if c.keep_head:
+            _check_kept_head(model, train_set.class_names, c.init_from, log)
         else:
             model.reset_classifier(num_classes)  # the paper: a zero-initialised head for the new task
     else:
@@ -528,18 +535,25 @@ class _CompiledOrEager:
         return out
 
 
-def _check_kept_head(model: ViT, class_names: Sequence[str], source: str) -> None:
-    """keep_head continues a classifier: it must predict the same classes, in the same order, as the data."""
+def _check_kept_head(model: ViT, class_names: Sequence[str], source: str, log: Callable[[str], None]) -> None:
+    """keep_head continues a classifier by output index: the class count must match the data's. Different class
+    names are logged, not refused: the same classes may be spelt differently (an ImageNet checkpoint's lemmas
+    against a folder's synset ids)."""
     k = model.config.num_classes
     if k != len(class_names):
         raise ValueError(
             f"--keep-head: {source} has {k} output(s) but the data has {len(class_names)} classes; "
             "drop --keep-head to train a new head"
         )
-    if model.class_names is not None and list(model.class_names) != list(class_names):
-        raise ValueError(
-            f"--keep-head: {source} predicts classes {list(model.class_names)[:5]}... but the data's are "
-            f"{list(class_names)[:5]}... (names or order differ); drop --keep-head to train a new head"
+    if model.class_names is None:
+        log(f"--keep-head: {source} names no classes; its outputs are taken to be the data's classes in order")
+        return
+    differ = [i for i, (a, b) in enumerate(zip(model.class_names, class_names, strict=True)) if a != b]
+    if differ:
+        i = differ[0]
+        log(
+            f"--keep-head: warning: {len(differ)} of {k} class names differ between {source} and the data, first "
+            f"at index {i} ({model.class_names[i]!r} vs {class_names[i]!r}); outputs are kept by index"
         )
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from vitlab.malloc import keep_freed_memory
+from vitlab.malloc import ENV_VARS, keep_freed_memory
 
 # allocate, touch and free blocks of growing size: glibc's default maps each one afresh (it only raises its
 # mmap threshold to a block's size once that block is freed); with keep_freed_memory the heap is reused
@@ -26,13 +29,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _thp_always() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.is_file() and "[always]" in path.read_text()
+
+
 def _faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120, env={})
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS and k not in ("VITLAB_MALLOC", "GLIBC_TUNABLES")}
+    done = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.skipif(_thp_always(), reason="with transparent huge pages always on, the defaults fault little too")
 def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     default, kept = _faults("default"), _faults("keep")
     # default: every block's pages fault in afresh (~100k pages in all); kept: only each growth of the heap
@@ -41,6 +51,29 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
     assert kept < default / 10, (kept, default)
 
 
-def test_the_users_own_malloc_variables_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+@pytest.mark.parametrize(
+    "name, value",
+    [*((v, "0") for v in ENV_VARS), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"), ("VITLAB_MALLOC", "0")],
+)
+def test_the_users_own_malloc_settings_win(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
     assert keep_freed_memory() is False
+
+
+def test_train_applies_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from vitlab import train as vt
+    from vitlab.recipes import TrainConfig
+
+    calls: list[int] = []
+
+    def counting() -> bool:
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(vt, "keep_freed_memory", counting)
+    monkeypatch.setattr(vt.torch, "set_num_threads", lambda n: None)
+    logs: list[str] = []
+    tiny = TrainConfig(model="Ti/7", model_overrides=dict(hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32),
+                       limit=64, batch_size=32, max_steps=1, threads=1)  # fmt: skip
+    vt.train(tiny, tmp_path / "run", progress=False, log=logs.append)
+    assert calls == [1] and any("glibc malloc keeps freed memory" in line for line in logs)

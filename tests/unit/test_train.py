@@ -118,9 +118,34 @@ def test_keep_head_continues_the_classifier_at_a_new_resolution(
     other.save_pretrained(tmp_path / "three")
     with pytest.raises(ValueError, match=r"has 3 output.*10 classes"):
         train(still.replace(init_from=str(tmp_path / "three"), keep_head=True), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / "run_config.json").exists()  # refused before the run folder is written
+    with pytest.raises(ValueError, match=r"drop the model override\(s\) \['num_classes'\]"):
+        train(
+            still.replace(keep_head=True, model_overrides={**TINY.model_overrides, "num_classes": 10}), tmp_path / "o"
+        )
+
+    # the same count under other names (e.g. lemmas vs synset ids): kept by index, with a warning naming the first
     renamed = vitlab.from_pretrained(tmp_path / "low")
-    renamed.class_names = [f"c{i}" for i in range(10)]
+    names = list(renamed.class_names or [])
+    renamed.class_names = [*names[:3], "sweater", *names[4:]]
     renamed.save_pretrained(tmp_path / "renamed")
-    with pytest.raises(ValueError, match="names or order differ"):
-        train(still.replace(init_from=str(tmp_path / "renamed"), keep_head=True), tmp_path / "bad2", progress=False)
-    assert not (tmp_path / "bad2" / "run_config.json").exists()  # refused before the run folder is written
+    logs: list[str] = []
+    train(
+        still.replace(init_from=str(tmp_path / "renamed"), keep_head=True),
+        tmp_path / "r",
+        progress=False,
+        log=logs.append,
+    )
+    assert any("1 of 10 class names differ" in line and "index 3 ('sweater' vs 'Dress')" in line for line in logs), logs
+
+    # a pre-logits layer (representation_size) stays with the head it feeds
+    pre = vitlab.create_model("Ti/7", image_size=28, in_channels=1, hidden_dim=32, num_layers=2, num_heads=2,
+                              mlp_dim=64, num_classes=10, representation_size=16)  # fmt: skip
+    pre.class_names = renamed.class_names
+    with torch.no_grad():
+        pre.head.weight.normal_()  # type: ignore[operator]
+    pre.save_pretrained(tmp_path / "pre")
+    train(still.replace(init_from=str(tmp_path / "pre"), keep_head=True), tmp_path / "p", progress=False)
+    kept_pre = vitlab.from_pretrained(tmp_path / "p")
+    assert kept_pre.config.representation_size == 16
+    torch.testing.assert_close(kept_pre.state_dict()["head.weight"], pre.state_dict()["head.weight"], rtol=0, atol=1e-6)
