@@ -8,7 +8,7 @@ mapping, zeroing and unmapping pages every step or not: measured here on the Fas
 against ~700 minor page faults per step, and 2,086-2,628 images/s from one fresh process to the next, against
 2,343-2,417 with the settings below (``docs/performance.md``). Fixing the thresholds removes that lottery.
 The cost: memory freed by the process is kept by it (up to its peak use) instead of returned to the system.
-Blocks of 32 MiB and more (glibc's limit for the threshold) are still mapped afresh each time.
+Blocks of 512 MiB and more (32 MiB where glibc refuses a higher threshold) are still mapped afresh each time.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 
 SETTINGS = (
-    (M_MMAP_THRESHOLD, 32 << 20),  # blocks below 32 MiB (glibc's largest dynamic value) come from the heap
+    (M_MMAP_THRESHOLD, 512 << 20),  # blocks below 512 MiB come from the heap (a B/16 MLP buffer: 39 MiB)
     (M_TRIM_THRESHOLD, 1 << 30),  # never give the heap's top back below 1 GiB free
     (M_TOP_PAD, 64 << 20),  # grow the heap in steps of 64 MiB: fewer brk calls
 )
+# older glibc versions refuse mmap thresholds above 32 MiB on 64-bit (2.36 here accepts 512 MiB): then 32 MiB
+OLD_GLIBC_MMAP_THRESHOLD = 32 << 20
 # the same knobs as environment variables (and glibc's tunables): a user who set any of them keeps their choice
 ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -47,4 +49,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all([mallopt(param, value) == 1 for param, value in SETTINGS])  # every setting tried
+    ok = [mallopt(param, value) == 1 for param, value in SETTINGS]  # every setting tried
+    if not ok[0]:
+        ok[0] = mallopt(M_MMAP_THRESHOLD, OLD_GLIBC_MMAP_THRESHOLD) == 1
+    return all(ok)

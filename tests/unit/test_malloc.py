@@ -77,3 +77,24 @@ def test_train_applies_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
                        limit=64, batch_size=32, max_steps=1, threads=1)  # fmt: skip
     vt.train(tiny, tmp_path / "run", progress=False, log=logs.append)
     assert calls == [1] and any("glibc malloc keeps freed memory" in line for line in logs)
+
+
+def test_a_glibc_refusing_large_mmap_thresholds_gets_32_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older glibc versions refuse mmap thresholds above 32 MiB: keep_freed_memory then sets 32 MiB."""
+    from vitlab import malloc
+
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 0 if param == malloc.M_MMAP_THRESHOLD and value > 32 << 20 else 1
+
+    old_libc = type("OldLibc", (), {})()
+    old_libc.mallopt = mallopt
+
+    for name in (*ENV_VARS, "VITLAB_MALLOC", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(malloc.sys, "platform", "linux")
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda name: old_libc)
+    assert keep_freed_memory() is True
+    assert calls[-1] == (malloc.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == len(malloc.SETTINGS) + 1
