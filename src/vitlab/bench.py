@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitlab import malloc
 from vitlab.config import ViTConfig
 from vitlab.model import ViT, flops_per_image, onednn_enabled, onednn_linear
 
@@ -592,6 +593,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "malloc_keeps_freed_memory": malloc.applied(),  # vitlab.malloc; process-wide: peers timed here share it
     }
     try:
         text = Path("/proc/cpuinfo").read_text()

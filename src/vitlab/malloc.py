@@ -33,6 +33,14 @@ OLD_GLIBC_MMAP_THRESHOLD = 32 << 20
 ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+_applied = False
+
+
+def applied() -> bool:
+    """Whether :func:`keep_freed_memory` has set this process's malloc (benchmarks record it)."""
+    return _applied
+
+
 def keep_freed_memory() -> bool:
     """Apply :data:`SETTINGS` to this process's glibc malloc; True if applied. False, with nothing changed, off
     Linux, on another C library (musl has no ``mallopt``), with ``VITLAB_MALLOC=0``, or when the user set
@@ -52,4 +60,6 @@ def keep_freed_memory() -> bool:
     ok = [mallopt(param, value) == 1 for param, value in SETTINGS]  # every setting tried
     if not ok[0]:
         ok[0] = mallopt(M_MMAP_THRESHOLD, OLD_GLIBC_MMAP_THRESHOLD) == 1
+    global _applied
+    _applied = _applied or all(ok)
     return all(ok)

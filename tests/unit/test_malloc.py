@@ -98,3 +98,17 @@ def test_a_glibc_refusing_large_mmap_thresholds_gets_32_mib(monkeypatch: pytest.
     monkeypatch.setattr(malloc.ctypes, "CDLL", lambda name: old_libc)
     assert keep_freed_memory() is True
     assert calls[-1] == (malloc.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == len(malloc.SETTINGS) + 1
+
+
+def test_every_cli_command_applies_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitlab import cli, malloc
+
+    calls: list[int] = []
+
+    def counting() -> bool:
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(malloc, "keep_freed_memory", counting)
+    assert cli.main(["models", "--json"]) == 0
+    assert calls == [1] and capsys.readouterr().out
