@@ -490,3 +490,18 @@ def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypa
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # bf16: SDPA keeps the softmax in fp32
         model(images)
     assert len(sdpa_calls) == tiny.num_layers
+
+
+def test_hooked_fc1_or_act_is_called_as_a_module_in_inference() -> None:
+    """Hooks on fc1 or act (pruning, activation capture) must fire: the fused call is skipped for them."""
+    model = _tiny_vit().eval()
+    images = torch.randn(2, 3, 16, 16)
+    seen: list[str] = []
+    mlp = model.blocks[0].mlp
+    h1 = mlp.act.register_forward_hook(lambda m, i, o: seen.append("act"))
+    h2 = mlp.fc1.register_forward_pre_hook(lambda m, i: seen.append("fc1"))
+    with torch.no_grad():
+        model(images)
+    assert seen == ["fc1", "act"]
+    h1.remove()
+    h2.remove()
