@@ -497,7 +497,11 @@ def test_hooked_fc1_or_act_is_called_as_a_module_in_inference() -> None:
     model = _tiny_vit().eval()
     images = torch.randn(2, 3, 16, 16)
     seen: list[str] = []
-    mlp = model.blocks[0].mlp
+    from vitlab import model as vm
+
+    block = model.blocks[0]
+    assert isinstance(block, vm.Block)
+    mlp = block.mlp
     h1 = mlp.act.register_forward_hook(lambda m, i, o: seen.append("act"))
     h2 = mlp.fc1.register_forward_pre_hook(lambda m, i: seen.append("fc1"))
     with torch.no_grad():
