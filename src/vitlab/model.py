@@ -89,9 +89,12 @@ def linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return onednn_linear(x, weight, bias)
 
 
-@linear_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _linear_output_like(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The fake (shape-only) kernel of both linear custom operators."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+linear_op.register_fake(_linear_output_like)
 
 
 def _compiled_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
@@ -105,15 +108,13 @@ def _compiled_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     return linear_op(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
 
 
-# inference only: Linear.forward_gelu calls it only when no gradient is needed, so it has no autograd formula
+# inference only: Linear.fused_gelu calls it only when no gradient is needed, so it has no autograd formula
 @torch.library.custom_op("vitlab::onednn_linear_gelu", mutates_args=())
 def linear_gelu_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return onednn_linear_gelu(x, weight, bias)
 
 
-@linear_gelu_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+linear_gelu_op.register_fake(_linear_output_like)
 
 
 linear_op.register_autograd(
@@ -186,21 +187,17 @@ class Linear(nn.Linear):
             return out
         return onednn_linear(x, self.weight, self.bias)
 
-    def forward_gelu(self, x: Tensor) -> Tensor:
-        """``F.gelu(self(x))``. In inference on the oneDNN path the GELU runs in the GEMM's output stage
-        (``onednn_linear_gelu``): B/16's fc1 + GELU at batch 16 measured 57 -> 44 ms. Training keeps the two
-        steps (the backward needs the pre-activation)."""
-        if self.fusable_gelu(x):
-            if torch.compiler.is_compiling():
-                return linear_gelu_op(x, self.weight, self.bias)
-            return onednn_linear_gelu(x, self.weight, self.bias)
-        return F.gelu(self(x))
-
-    def fusable_gelu(self, x: Tensor) -> bool:
-        """Whether :meth:`forward_gelu` runs fused for ``x`` (inference on the oneDNN path)."""
+    def fused_gelu(self, x: Tensor) -> Tensor | None:
+        """``F.gelu(self(x))`` in one oneDNN call, the GELU in the GEMM's output stage (B/16's fc1 + GELU at
+        batch 16 measured 57 -> 44 ms), or None where that does not apply: outside the oneDNN path, inside
+        ``torch.func`` transforms, or when a gradient is needed (the backward needs the pre-activation)."""
         if not self._onednn_applies(x) or self._needs_grad(x):
-            return False
-        return torch.compiler.is_compiling() or not _functorch_wrapped(x, self.weight)
+            return None
+        if torch.compiler.is_compiling():
+            return linear_gelu_op(x, self.weight, self.bias)
+        if _functorch_wrapped(x, self.weight):
+            return None
+        return onednn_linear_gelu(x, self.weight, self.bias)
 
 
 class PatchEmbed(nn.Module):
@@ -319,7 +316,9 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # fc1 and the GELU in one oneDNN call where Linear can (inference on CPU); self.act stays a module so
         # that the model's structure reads like the paper's
-        h = self.fc1.forward_gelu(x) if self._fusable and self.fc1.fusable_gelu(x) else self.act(self.fc1(x))
+        h = self.fc1.fused_gelu(x) if self._fusable else None
+        if h is None:
+            h = self.act(self.fc1(x))
         return self.drop2(self.fc2(self.drop1(h)))
 
     @property

@@ -26,6 +26,10 @@ Amp = Literal["auto", "bf16", "none"]
 ModelOverrides = dict[str, Any]
 
 
+# model fields that define the classifier, which keep_head takes from the init_from checkpoint
+_HEAD_FIELDS = frozenset({"num_classes", "representation_size"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a training run needs besides the data on disk and the output folder."""
@@ -90,6 +94,11 @@ class TrainConfig:
             (self.limit is None or self.limit > 0, f"limit must be > 0, got {self.limit}"),
             (self.channels in (None, 1, 3), f"channels must be 1 or 3, got {self.channels}"),
             (not self.keep_head or self.init_from is not None, "keep_head needs init_from (a model to keep it from)"),
+            (
+                not (self.keep_head and _HEAD_FIELDS & set(self.model_overrides)),
+                "--keep-head keeps the checkpoint's head: drop the model override(s) "
+                f"{sorted(_HEAD_FIELDS & set(self.model_overrides))}",
+            ),
             (self.eval_every > 0, f"eval_every must be > 0 (epochs), got {self.eval_every}"),
             (self.eval_batch_size > 0, f"eval_batch_size must be > 0, got {self.eval_batch_size}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),

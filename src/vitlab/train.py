@@ -280,11 +280,7 @@ def train(
     # --------------------------------------------------------------- model
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
-        if c.keep_head:  # continue on the same classes, e.g. the paper's low-res training, then higher-res tuning
-            head_fields = sorted({"num_classes", "representation_size"} & set(arch))
-            if head_fields:
-                raise ValueError(f"--keep-head keeps the checkpoint's head: drop the model override(s) {head_fields}")
-        else:
+        if not c.keep_head:  # keep_head: continue on the same classes (e.g. low-res training, then higher-res)
             arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
             arch["num_classes"] = num_classes
         model = from_pretrained(c.init_from, image_size=(h, w), in_channels=channels, **arch)
