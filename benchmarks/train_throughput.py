@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vitlab import malloc
 from vitlab.bench import build_model, machine_info
 from vitlab.config import ViTConfig
 from vitlab.io import atomic_write_json
@@ -85,13 +86,14 @@ def _measure(kind: str, recipe: str, compile_: bool, steps: int, skip: int) -> f
         return vitlab_train(c, steps, max(skip, 60) if compile_ else skip, Path(tmp))
 
 
-def _measure_in_child(kind: str, args: argparse.Namespace) -> float:
+def _measure_in_child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """images/s, and whether vitlab's malloc settings were on in that process (vitlab train sets them)."""
     cmd = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps), "--skip", str(args.skip)]
     cmd += ["--child", kind] + (["--compile"] if args.compile else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measurement {kind} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         ips = _measure(args.child, args.recipe, args.compile, args.steps, args.skip)
-        print(json.dumps({"images_per_s": ips}))
+        print(json.dumps({"images_per_s": ips, "malloc_keeps_freed_memory": malloc.applied()}))
         return 0
     c = get_recipe(args.recipe).replace(compile=args.compile)
     results: dict[str, list[float]] = {k: [] for k in MEASUREMENTS}
+    kept_freed: dict[str, list[bool]] = {k: [] for k in MEASUREMENTS}
     for r in range(args.rounds):
         for kind in MEASUREMENTS:
-            results[kind].append(_measure_in_child(kind, args))
+            child = _measure_in_child(kind, args)
+            results[kind].append(float(child["images_per_s"]))
+            kept_freed[kind].append(bool(child["malloc_keeps_freed_memory"]))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["vitlab_train"] / med["timm_plain_eager_loop"]
@@ -125,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recipe": c.to_dict(),
         "torch_threads": torch.get_num_threads(),
-        "machine": machine_info(),
+        "machine": machine_info(),  # its malloc flag is this parent process's; the children's are below
         "images_per_s_per_round": results,
+        "malloc_keeps_freed_memory_per_round": kept_freed,
         "median_images_per_s": med,
         "ratio_vitlab_train_vs_timm_plain_loop": ratio,
     }

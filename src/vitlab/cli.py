@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vitlab.malloc import keep_freed_memory
+    from vitlab import malloc
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()  # the command owns its process: reuse freed buffers instead of faulting in new pages
+    malloc.keep_freed_memory()  # the command owns its process: reuse freed buffers instead of faulting in new pages
     try:
         return int(args.func(args))
     except ValueError as e:  # bad user input reaching the library: a message, not a traceback

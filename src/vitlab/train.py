@@ -218,7 +218,7 @@ RUNTIME_FIELDS = ("compile", "grad_checkpointing")
 
 
 def train(
-    config: TrainConfig,
+    config: TrainConfig | None,
     out: str | Path,
     *,
     resume: bool = False,
@@ -229,6 +229,8 @@ def train(
 ) -> TrainResult:
     """Run (or resume) training as ``config`` says, writing everything under ``out``.
 
+    With ``resume`` the run continues with the configuration saved in ``out``: ``config`` may then be None;
+    a given one only has its differences from the saved one logged as ignored.
     ``runtime`` sets switches that change speed and memory but not the results (``compile``,
     ``grad_checkpointing``); unlike the rest of ``config`` they apply on resume too, on top of the saved run.
     On Linux with glibc it also sets the process's malloc to keep freed memory for reuse, for good
@@ -237,9 +239,11 @@ def train(
     unknown = sorted(set(runtime) - set(RUNTIME_FIELDS))
     if unknown:
         raise ValueError(f"runtime switches are {list(RUNTIME_FIELDS)}, not {unknown}")
-    config = config.replace(**runtime)
+    if config is None and not resume:
+        raise ValueError("train needs a config unless it resumes a saved run")
+    config = config.replace(**runtime) if config is not None else None
     out = Path(out)
-    if not resume:
+    if config is not None and not resume:
         _ = config.dataset  # a recipe without a default dataset stops here, before anything is written
     d = init_distributed()
     prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
@@ -247,12 +251,14 @@ def train(
     if resume:
         saved = TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
         saved = saved.replace(**runtime)
-        ignored = sorted(k for k, v in config.to_dict().items() if saved.to_dict()[k] != v and k != "recipe")
+        given = config.to_dict() if config is not None else {}
+        ignored = sorted(k for k, v in given.items() if saved.to_dict()[k] != v and k != "recipe")
         log(
             f"resuming {out} with its saved configuration"
             + (f" (ignoring given {', '.join(ignored)})" if ignored else "")
         )
         config = saved
+    assert config is not None  # given, or read back from the run on resume
     c = config
     if c.threads:
         torch.set_num_threads(c.threads)

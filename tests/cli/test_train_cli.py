@@ -262,3 +262,17 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_resume_names_the_result_changing_settings_it_ignores_without_validating_them(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run("train", *TINY, "--max-steps", "2", "--out", str(out)).returncode == 0
+    before = weights(out)
+    # --keep-head without --init-from would be refused on a new run; on resume it is only named as ignored
+    r = run("train", "--out", str(out), "--resume", "--no-progress", "--keep-head", "--lr", "5", "--set", "seed=3")
+    assert r.returncode == 0, r.stderr
+    assert "ignoring --lr, --keep-head, --set seed=3" in r.stderr
+    assert "ignoring given" not in r.stderr  # train() was not handed a config to compare
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["lr"] != 5 and saved["seed"] == 0 and not saved["keep_head"]
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # the finished run stays as it was

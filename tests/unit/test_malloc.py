@@ -96,7 +96,8 @@ def test_a_glibc_refusing_large_mmap_thresholds_gets_32_mib(monkeypatch: pytest.
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(malloc.sys, "platform", "linux")
     monkeypatch.setattr(malloc.ctypes, "CDLL", lambda name: old_libc)
-    assert keep_freed_memory() is True
+    monkeypatch.setattr(malloc, "_applied", False)  # restored afterwards: this process's malloc was not touched
+    assert keep_freed_memory() is True and malloc.applied()
     assert calls[-1] == (malloc.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == len(malloc.SETTINGS) + 1
 
 

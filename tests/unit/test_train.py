@@ -56,6 +56,12 @@ def test_resume_may_switch_on_grad_checkpointing_and_compile(tmp_path: Path, mon
     assert any("ignoring given compile, lr" in line for line in logs), logs
     with pytest.raises(ValueError, match="runtime switches"):
         train(TINY, tmp_path / "run", resume=True, progress=False, runtime={"lr": True})
+    logs.clear()
+    train(None, tmp_path / "run", resume=True, progress=False, log=logs.append)  # the saved configuration alone
+    assert any("with its saved configuration" in line and "ignoring" not in line for line in logs), logs
+    with pytest.raises(ValueError, match="needs a config unless it resumes"):
+        train(None, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_restore_rng_reads_both_state_layouts() -> None:

@@ -132,21 +132,35 @@ def resolve_config(args: argparse.Namespace) -> Any:
     return config.replace(**changes)
 
 
+def _given_settings(args: argparse.Namespace) -> list[str]:
+    """The result-changing options given on the command line (flags and --set items), as typed."""
+    given = [flag for flag, (name, _) in _FLAGS.items() if getattr(args, name) is not None]
+    if args.keep_head:
+        given.append("--keep-head")
+    return given + [f"--set {item}" for item in args.sets]
+
+
 def run(args: argparse.Namespace) -> int:
     from vitlab.recipes import TrainConfig
     from vitlab.train import RUNTIME_FIELDS, TrainingError, TrainingInterrupted, train
 
-    config: TrainConfig = resolve_config(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
-
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    config: TrainConfig | None = None
+    if args.resume and not args.print_config:
+        # the run continues as it was saved: settings that change results are named, not even validated
+        ignored = _given_settings(args)
+        if ignored:
+            log(f"--resume continues the saved configuration; ignoring {', '.join(ignored)}")
+    else:
+        config = resolve_config(args)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+    # switches given explicitly apply on --resume too (they change speed and memory, not results)
+    runtime = {k: getattr(args, k) for k in RUNTIME_FIELDS if getattr(args, k) is not None}
     try:
-        # switches given explicitly apply on --resume too (they change speed and memory, not results)
-        runtime = {k: getattr(config, k) for k in RUNTIME_FIELDS if getattr(args, k) is not None}
         result = train(
             config,
             args.out,
