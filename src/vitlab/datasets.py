@@ -225,13 +225,14 @@ def batches(
     ``world_size`` > 1, process ``rank`` takes every ``world_size``-th image of the order (all processes the same
     number, ``len(data) // world_size``), so the processes of a distributed run see disjoint images.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    for name, value in (("batch_size", batch_size), ("start", start), ("rank", rank), ("world_size", world_size)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):  # numpy ints are ints
+            raise DataError(f"{name} must be an int, got {value!r}")
+    batch_size, start, rank, world_size = int(batch_size), int(start), int(rank), int(world_size)
+    if batch_size < 1:
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     if start < 0:
         raise DataError(f"start must be >= 0, got {start!r}")
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"{name} must be an int, got {value!r}")
     if not 0 <= rank < world_size:
         raise DataError(f"need 0 <= rank < world_size, got rank {rank!r}, world_size {world_size!r}")
     n = len(data)

@@ -564,3 +564,10 @@ def test_batches_shard_an_epoch_across_processes() -> None:
     for rank, world_size in bad:
         with pytest.raises(DataError, match=r"rank|world_size"):
             next(batches(data, 2, shuffle=False, rank=rank, world_size=world_size))
+    # numpy integers (from an index array, a config read with numpy) are ints; numpy bools and floats are not
+    numpy_ints: dict[str, Any] = {"batch_size": np.int64(2), "rank": np.int32(1), "world_size": np.int64(3)}
+    shard = _labels(batches(data, shuffle=False, **numpy_ints))
+    assert shard == _labels(batches(data, 2, shuffle=False, rank=1, world_size=3))
+    for kwargs in ({"batch_size": np.float32(2)}, {"batch_size": np.bool_(True)}, {"start": 1.0}):
+        with pytest.raises(DataError, match="must be an int"):
+            next(batches(data, **{"batch_size": 2, **kwargs}, shuffle=False))  # type: ignore[arg-type]
