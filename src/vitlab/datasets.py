@@ -226,7 +226,7 @@ def batches(
     number, ``len(data) // world_size``), so the processes of a distributed run see disjoint images.
     """
     for name, value in (("batch_size", batch_size), ("start", start), ("rank", rank), ("world_size", world_size)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):  # numpy ints are ints
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):  # numpy ints are ints
             raise DataError(f"{name} must be an int, got {value!r}")
     batch_size, start, rank, world_size = int(batch_size), int(start), int(rank), int(world_size)
     if batch_size < 1:

@@ -196,14 +196,22 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def saved_config(out: str | Path) -> TrainConfig:
+    """The configuration of the run saved in ``out`` (what ``--resume`` continues)."""
+    out = Path(out)
+    prepare_out(out, resume=True, overwrite=False)
+    return TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
+
+
 def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """Refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     has_run = out.is_dir() and any((out / n).exists() for n in (STATE_NAME, RUN_CONFIG_NAME))
     if resume:
-        if not (out / STATE_NAME).is_file():
-            raise ValueError(f"--resume: {out} holds no {STATE_NAME} to resume from")
+        for name in (STATE_NAME, RUN_CONFIG_NAME):
+            if not (out / name).is_file():
+                raise ValueError(f"--resume: {out} holds no {name} to resume from")
         return
     if has_run and not overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
@@ -249,8 +257,7 @@ def train(
     prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
     _barrier(d)
     if resume:
-        saved = TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
-        saved = saved.replace(**runtime)
+        saved = saved_config(out).replace(**runtime)
         given = config.to_dict() if config is not None else {}
         ignored = sorted(k for k, v in given.items() if saved.to_dict()[k] != v and k != "recipe")
         log(

@@ -266,13 +266,22 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:
 
 def test_resume_names_the_result_changing_settings_it_ignores_without_validating_them(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert run("train", *TINY, "--max-steps", "2", "--out", str(out)).returncode == 0
+    assert run("train", *TINY, "--max-steps", "2", "--grad-checkpointing", "--out", str(out)).returncode == 0
     before = weights(out)
     # --keep-head without --init-from would be refused on a new run; on resume it is only named as ignored
-    r = run("train", "--out", str(out), "--resume", "--no-progress", "--keep-head", "--lr", "5", "--set", "seed=3")
+    given = ["--recipe", "deit", "--keep-head", "--lr", "5", "--set", "seed=3"]
+    r = run("train", "--out", str(out), "--resume", "--print-config", "--no-grad-checkpointing", *given)
     assert r.returncode == 0, r.stderr
-    assert "ignoring --lr, --keep-head, --set seed=3" in r.stderr
+    shown = json.loads(r.stdout)  # the saved run's configuration, not the given recipe's
+    assert shown["recipe"] == "fashion-mnist-demo" and shown["lr"] != 5 and shown["grad_checkpointing"] is False
+    assert shown == {**json.loads((out / "run_config.json").read_text()), "grad_checkpointing": False}
+    r = run("train", "--out", str(out), "--resume", "--no-progress", *given)
+    assert r.returncode == 0, r.stderr
+    assert "ignoring --recipe, --lr, --keep-head, --set seed=3" in r.stderr
     assert "ignoring given" not in r.stderr  # train() was not handed a config to compare
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["lr"] != 5 and saved["seed"] == 0 and not saved["keep_head"]
-    assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # the finished run stays as it was
+    # the run had finished: resuming it trains no step and rewrites no weights
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())
+    r = run("train", "--out", str(tmp_path / "none"), "--resume", "--print-config")
+    assert r.returncode == 2 and "holds no training_state.pt" in r.stderr

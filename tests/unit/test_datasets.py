@@ -568,6 +568,8 @@ def test_batches_shard_an_epoch_across_processes() -> None:
     numpy_ints: dict[str, Any] = {"batch_size": np.int64(2), "rank": np.int32(1), "world_size": np.int64(3)}
     shard = _labels(batches(data, shuffle=False, **numpy_ints))
     assert shard == _labels(batches(data, 2, shuffle=False, rank=1, world_size=3))
+    numpy_start: dict[str, Any] = {"start": np.int64(3)}
+    assert _labels(batches(data, 2, shuffle=False, **numpy_start)) == _labels(batches(data, 2, shuffle=False))[3:]
     for kwargs in ({"batch_size": np.float32(2)}, {"batch_size": np.bool_(True)}, {"start": 1.0}):
         with pytest.raises(DataError, match="must be an int"):
             next(batches(data, **{"batch_size": 2, **kwargs}, shuffle=False))  # type: ignore[arg-type]

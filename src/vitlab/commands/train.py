@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
 from vitlab.augment import AugmentConfig
+
+DEFAULT_RECIPE = "fashion-mnist-demo"
 
 # flag -> TrainConfig field, for the fields people change most; --set reaches every field
 _FLAGS: dict[str, tuple[str, type]] = {
@@ -46,7 +49,9 @@ def add_parser(sub: Any) -> None:
         help="train or fine-tune a ViT",
         description="Train from scratch or fine-tune. Multi-process: torchrun --nproc-per-node N -m vitlab train ...",
     )
-    p.add_argument("--recipe", default="fashion-mnist-demo", choices=sorted(RECIPES), help="named recipe to start from")
+    p.add_argument(
+        "--recipe", default=None, choices=sorted(RECIPES), help=f"named recipe to start from (default {DEFAULT_RECIPE})"
+    )
     p.add_argument("--out", required=True, help="run folder (model, training state, metrics)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -60,7 +65,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--grad-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="recompute each block's activations in the backward pass (less memory, about 1/3 more compute)",
     )
@@ -86,7 +91,7 @@ def add_parser(sub: Any) -> None:
 def resolve_config(args: argparse.Namespace) -> Any:
     from vitlab.recipes import TrainConfig, coerce, get_recipe
 
-    config = get_recipe(args.recipe)
+    config = get_recipe(args.recipe or DEFAULT_RECIPE)
     changes: dict[str, Any] = {}
     for name, _ in _FLAGS.values():
         value = getattr(args, name, None)
@@ -94,8 +99,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
             changes[name] = value
     if args.compile is not None:
         changes["compile"] = args.compile
-    if args.grad_checkpointing:
-        changes["grad_checkpointing"] = True
+    if args.grad_checkpointing is not None:
+        changes["grad_checkpointing"] = args.grad_checkpointing
     if args.keep_head:
         changes["keep_head"] = True
     aug = dataclasses.asdict(config.augment)
@@ -134,7 +139,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 def _given_settings(args: argparse.Namespace) -> list[str]:
     """The result-changing options given on the command line (flags and --set items), as typed."""
-    given = [flag for flag, (name, _) in _FLAGS.items() if getattr(args, name) is not None]
+    given = ["--recipe"] if args.recipe is not None else []
+    given += [flag for flag, (name, _) in _FLAGS.items() if getattr(args, name) is not None]
     if args.keep_head:
         given.append("--keep-head")
     return given + [f"--set {item}" for item in args.sets]
@@ -142,24 +148,31 @@ def _given_settings(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from vitlab.recipes import TrainConfig
-    from vitlab.train import RUNTIME_FIELDS, TrainingError, TrainingInterrupted, train
+    from vitlab.train import RUNTIME_FIELDS, TrainingError, TrainingInterrupted, saved_config, train
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
+    # run the resolved config has them (where --set may have refined the flag)
+    given_runtime = [k for k in RUNTIME_FIELDS if getattr(args, k) is not None]
+    runtime = {k: getattr(args, k) for k in given_runtime}
     config: TrainConfig | None = None
-    if args.resume and not args.print_config:
+    if args.resume:
         # the run continues as it was saved: settings that change results are named, not even validated
+        saved = saved_config(args.out).replace(**runtime)  # a clear error when --out holds no run
+        if args.print_config:
+            print(json.dumps(saved.to_dict(), indent=2))
+            return 0
         ignored = _given_settings(args)
-        if ignored:
+        if ignored and os.environ.get("RANK", "0") == "0":
             log(f"--resume continues the saved configuration; ignoring {', '.join(ignored)}")
     else:
         config = resolve_config(args)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-    # switches given explicitly apply on --resume too (they change speed and memory, not results)
-    runtime = {k: getattr(args, k) for k in RUNTIME_FIELDS if getattr(args, k) is not None}
+        runtime = {k: getattr(config, k) for k in given_runtime}
     try:
         result = train(
             config,
