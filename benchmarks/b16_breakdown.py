@@ -19,12 +19,9 @@ Writes ``benchmarks/results/b16_breakdown.json`` (with this command).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -33,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import vitlab
 from vitlab import malloc
-from vitlab.bench import fp32_peak_gflops, machine_info, matmul_rates
+from vitlab.bench import fp32_peak_gflops, matmul_rates, result_header
 from vitlab.io import atomic_write_json
 from vitlab.model import flops_per_image
 
@@ -117,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = matmul_rates((torch.float32,))
     peak = fp32_peak_gflops(rates)
     document: dict[str, Any] = {
-        "command": shlex.join(["python", "benchmarks/b16_breakdown.py", *(argv if argv is not None else sys.argv[1:])]),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_threads": torch.get_num_threads(),
-        "machine": machine_info(),
+        **result_header("benchmarks/b16_breakdown.py", argv),
         "compiled_b16_batch16": model,
         "attention_one_layer_ms": attention,
         "matmul_rates": rates,

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from vitlab.augment import BatchAugment
+from vitlab.bench import result_header
 from vitlab.config import ViTConfig
 from vitlab.datasets import load_data
+from vitlab.io import atomic_write_json
 from vitlab.model import create_model
 from vitlab.recipes import get_recipe
 from vitlab.train import build_optimizer
@@ -68,11 +66,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['recipe']:<20} batch {r['batch']:>4}  data {1000 * r['data_s']:7.1f} ms  "
               f"step {1000 * r['step_s']:7.1f} ms  data share {100 * r['data_share']:.1f}%")  # fmt: skip
-    result = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "rows": rows}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, {**result_header("benchmarks/data_pipeline.py"), "rows": rows})
 
 
 if __name__ == "__main__":

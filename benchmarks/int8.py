@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import vitlab
-from vitlab.bench import machine_info, seconds_per_call
+from vitlab.bench import result_header, seconds_per_call
 from vitlab.datasets import load_data
 from vitlab.evaluate import normalize
 from vitlab.export import export, load_onnx
@@ -122,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = measure_speed(args.speed_model, args.batch, args.repeats, args.min_time, work)
         print(json.dumps({k: v for k, v in speed.items() if k != "seconds_per_batch"}), flush=True)
     result = {
-        "command": shlex.join(["python", "benchmarks/int8.py", *(argv if argv is not None else sys.argv[1:])]),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_threads": torch.get_num_threads(),
-        "machine": machine_info(),
+        **result_header("benchmarks/int8.py", argv),
         "agreement": agreement,
         "speed": speed,
     }

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import malloc
-from vitlab.bench import build_model, machine_info
+from vitlab.bench import build_model, result_header
 from vitlab.config import ViTConfig
 from vitlab.io import atomic_write_json
 from vitlab.recipes import TrainConfig, get_recipe
@@ -38,8 +36,8 @@ from vitlab.train import train
 
 
 def _architecture(c: TrainConfig) -> ViTConfig:
-    """The recipe's model on Fashion-MNIST (28x28 grey, 10 classes); the recipes use no drop path, which the
-    timm model is built without."""
+    """The recipe's model on Fashion-MNIST (28x28 grey, 10 classes), regularisation included: timm's model
+    drops the same share of patches (patch dropout) and paths (drop path) in training."""
     return ViTConfig.from_name(c.model, image_size=28, in_channels=1, num_classes=10, **c.model_overrides)
 
 
@@ -124,13 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median images/s: {med}; vitlab train / timm plain loop = {ratio:.3f}")
     out = args.out or f"benchmarks/results/train_throughput{'_compile' if args.compile else ''}.json"
     document: dict[str, Any] = {
-        "command": shlex.join(
-            ["python", "benchmarks/train_throughput.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **result_header("benchmarks/train_throughput.py", argv),  # machine's malloc flag: this parent process's
         "recipe": c.to_dict(),
-        "torch_threads": torch.get_num_threads(),
-        "machine": machine_info(),  # its malloc flag is this parent process's; the children's are below
         "images_per_s_per_round": results,
         "malloc_keeps_freed_memory_per_round": kept_freed,
         "median_images_per_s": med,

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -180,8 +181,15 @@ def build_model(library: str, config: ViTConfig) -> nn.Module:
                 num_heads=c.num_heads,
                 mlp_ratio=c.mlp_dim / c.hidden_dim,
                 qkv_bias=c.qkv_bias,
+                pos_drop_rate=c.dropout,
+                proj_drop_rate=c.dropout,
+                attn_drop_rate=c.attention_dropout,
+                drop_path_rate=c.drop_path,
+                patch_drop_rate=c.patch_dropout,  # the same PatchDropout (a random share of patches per image)
                 **pool,
             )
+        if c.patch_dropout:
+            raise PeerUnavailable(f"{library} has no patch dropout")
         if not square or c.pool != "token":
             raise PeerUnavailable(f"{library} builds square images with a class token only")
         if library == "hf":
@@ -583,6 +591,20 @@ def _versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def result_header(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The fields a benchmark script's result file starts with: the command that made it (``python script
+    args``, ``argv`` defaulting to this process's arguments), when (UTC), torch's version and threads, and
+    the machine (``machine_info``)."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return {
+        "command": shlex.join(["python", script, *args]),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
+    }
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:

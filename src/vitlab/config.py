@@ -80,6 +80,7 @@ class ViTConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path: float = 0.0
+    patch_dropout: float = 0.0  # share of patch tokens dropped at random per image in training (0: none)
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
 
@@ -113,10 +114,15 @@ class ViTConfig:
         rep = self.representation_size
         if rep is not None and (isinstance(rep, bool) or not isinstance(rep, int) or rep < 1):
             raise ValueError(f"representation_size must be None or a positive int, got {rep!r}")
-        for name in ("dropout", "attention_dropout", "drop_path"):
+        for name in ("dropout", "attention_dropout", "drop_path", "patch_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+        if self.patch_dropout and self.pos_embed == "relative":
+            raise ValueError(
+                "patch_dropout needs absolute position embeddings: a relative position bias is indexed by the "
+                "full patch grid, which dropping patches breaks"
+            )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 

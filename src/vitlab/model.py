@@ -506,7 +506,20 @@ class ViT(nn.Module):
                 x = x + pos
             if self.cls_token is not None:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.training and self.config.patch_dropout > 0:
+            x = self._drop_patches(x)
         return self.pos_drop(x), grid
+
+    def _drop_patches(self, x: Tensor) -> Tensor:
+        """PatchDropout (Liu et al. 2022): keep a random ``1 - patch_dropout`` share of each image's patch
+        tokens (at least one; the prefix tokens always), positions already added. Training only."""
+        prefix = self.config.num_prefix_tokens
+        patches = x[:, prefix:]
+        b, n, d = patches.shape
+        keep = max(1, int(n * (1.0 - self.config.patch_dropout)))
+        idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep]
+        kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
+        return torch.cat([x[:, :prefix], kept], dim=1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing: keep only each block's input while training and recompute the block in

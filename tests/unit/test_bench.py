@@ -12,13 +12,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from vitlab.bench import PEERS, BenchSettings, PeerUnavailable, build_model, format_table, run_benchmark
 from vitlab.config import ViTConfig
-from vitlab.model import count_parameters, flops_per_image, onednn_enabled
+from vitlab.model import ViT, count_parameters, flops_per_image, onednn_enabled
 
 _MODULES = {"timm": "timm", "hf": "transformers", "torchvision": "torchvision"}
 INSTALLED = tuple(p for p in PEERS if importlib.util.find_spec(_MODULES[p]) is not None)
@@ -144,6 +145,22 @@ def test_peers_refuse_architectures_they_do_not_have(tiny: ViTConfig) -> None:
     out = run_benchmark(tiny_settings(tiny.replace(pos_embed="sincos_2d"), batches=(1,), repeats=1))
     assert {r["library"] for r in out["results"]} == {"vitlab"}
     assert {s["library"] for s in out["skipped"]} == set(INSTALLED)
+
+
+def test_patch_dropout_is_built_by_timm_only(tiny: ViTConfig) -> None:
+    """For the training benchmark the peer must drop patches as vitlab does (same share kept per image)."""
+    config = tiny.replace(patch_dropout=0.5)  # 16 patches: 8 kept
+    for library in set(INSTALLED) - {"timm"}:
+        with pytest.raises(PeerUnavailable, match="patch dropout"):
+            build_model(library, config)
+    if "timm" not in INSTALLED:
+        pytest.skip("timm is not installed")
+    timm_model: Any = build_model("timm", config).train()
+    seen: list[int] = []
+    timm_model.blocks[0].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    timm_model(torch.randn(2, 3, 32, 32))
+    ours, _ = ViT(config).train().embed(torch.randn(2, 3, 32, 32))
+    assert seen == [ours.shape[1]] == [1 + 8]
 
 
 def test_bad_settings() -> None:

@@ -131,6 +131,40 @@ def test_dropout_and_drop_path_act_only_in_training(tiny: ViTConfig) -> None:
     assert rates[0] == rates[1] == 0.0 and rates[-1] == pytest.approx(0.3)  # linear in depth
 
 
+@pytest.mark.parametrize("pool", POOL_CHOICES)
+def test_patch_dropout_keeps_a_random_subset_of_embedded_patches_in_training_only(tiny: ViTConfig, pool: str) -> None:
+    model = vitlab.create_model(tiny, pool=pool, patch_dropout=0.5)
+    prefix, n = model.config.num_prefix_tokens, model.config.num_patches  # 16 patches: 8 kept
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full, _ = model.eval().embed(images)
+        torch.manual_seed(0)
+        kept, grid = model.train().embed(images)
+        torch.manual_seed(1)
+        other, _ = model.embed(images)
+    assert grid == model.config.grid_size and full.shape[1] == prefix + n
+    assert kept.shape == (3, prefix + n // 2, tiny.hidden_dim)
+    torch.testing.assert_close(kept[:, :prefix], full[:, :prefix], rtol=0, atol=0)  # the class token stays
+    chosen = []
+    for b in range(3):  # every kept token is one of this image's embedded patches (position added), none twice
+        match = (kept[b, prefix:, None] == full[b, None, prefix:]).all(-1)  # (kept, n)
+        assert (match.sum(1) == 1).all()
+        chosen.append(sorted(match.float().argmax(1).tolist()))
+    assert len({tuple(c) for c in chosen}) > 1  # drawn per image
+    assert not torch.equal(kept, other)  # and per call
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), model(images))  # evaluation sees every patch
+        assert model.train()(images).shape == (3, tiny.num_classes)
+
+
+def test_patch_dropout_is_refused_out_of_range_and_with_a_relative_bias(tiny: ViTConfig) -> None:
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="patch_dropout must be a probability"):
+            tiny.replace(patch_dropout=bad)
+    with pytest.raises(ValueError, match="patch_dropout needs absolute position embeddings"):
+        tiny.replace(pos_embed="relative", patch_dropout=0.25)
+
+
 def test_zero_head_and_reset_classifier(tiny: ViTConfig) -> None:
     model = vitlab.create_model(tiny, zero_head=True)
     assert model(torch.randn(1, 3, 32, 32)).abs().max() == 0

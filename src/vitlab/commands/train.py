@@ -12,6 +12,8 @@ from typing import Any
 from vitlab.augment import AugmentConfig
 
 DEFAULT_RECIPE = "fashion-mnist-demo"
+# model overrides a recipe keeps when --model names another preset: regularisation and the input size
+_REGULARISATION = ("image_size", "dropout", "attention_dropout", "drop_path", "patch_dropout")
 
 # flag -> TrainConfig field, for the fields people change most; --set reaches every field
 _FLAGS: dict[str, tuple[str, type]] = {
@@ -107,7 +109,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     model = dict(config.model_overrides)
     if args.model is not None and args.model != config.model:
         # a new preset: keep only the recipe's regularisation and input-size overrides
-        model = {k: v for k, v in model.items() if k in ("image_size", "dropout", "drop_path", "attention_dropout")}
+        model = {k: v for k, v in model.items() if k in _REGULARISATION}
     # a whole model_overrides object applies first, so that model.X settings refine it in any order
     sets = sorted(args.sets, key=lambda item: not item.startswith("model_overrides="))
     for item in sets:
@@ -156,11 +158,11 @@ def run(args: argparse.Namespace) -> int:
     # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
     # run the resolved config has them (where --set may have refined the flag)
     given_runtime = [k for k in RUNTIME_FIELDS if getattr(args, k) is not None]
-    runtime = {k: getattr(args, k) for k in given_runtime}
     config: TrainConfig | None = None
     if args.resume:
         # the run continues as it was saved: settings that change results are named, not even validated
-        saved = saved_config(args.out).replace(**runtime)  # a clear error when --out holds no run
+        saved = saved_config(args.out)  # a clear error when --out holds no run
+        saved = saved.replace(**{k: getattr(args, k) for k in given_runtime})
         if args.print_config:
             print(json.dumps(saved.to_dict(), indent=2))
             return 0
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-        runtime = {k: getattr(config, k) for k in given_runtime}
+    runtime = {k: getattr(config or args, k) for k in given_runtime}
     try:
         result = train(
             config,
