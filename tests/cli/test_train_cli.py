@@ -244,13 +244,20 @@ def test_imagenet_style_recipes_ask_for_data(tmp_path: Path, recipe: str) -> Non
     assert not (tmp_path / "run").exists()
 
 
-def test_set_model_overrides_replaces_the_recipes_model_fields(tmp_path: Path) -> None:
+def test_set_model_overrides_replaces_the_recipes_model_fields() -> None:
     r = run(
-        "train", "--recipe", "fashion-mnist-demo", "--out", str(tmp_path / "run"), "--print-config",
+        "train", "--recipe", "fashion-mnist-demo", "--print-config",  # no --out needed to print
         "--set", "model.mlp_dim=512", "--set", 'model_overrides={"num_layers": 8}',
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model_overrides"] == {"num_layers": 8, "mlp_dim": 512}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_training_or_resuming_without_out_is_a_usage_error(resume: bool) -> None:
+    r = run("train", *TINY, "--max-steps", "1", *(["--resume", "--print-config"] if resume else []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--out is required: the run folder to {'resume' if resume else 'write'}" in r.stderr
 
 
 def test_grad_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--recipe", default=None, choices=sorted(RECIPES), help=f"named recipe to start from (default {DEFAULT_RECIPE})"
     )
-    p.add_argument("--out", required=True, help="run folder (model, training state, metrics)")
+    p.add_argument("--out", help="run folder (model, training state, metrics); not needed with --print-config")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     for flag, (name, kind) in _FLAGS.items():
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
     # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
     # run the resolved config has them (where --set may have refined the flag)
+    if args.out is None and (args.resume or not args.print_config):
+        raise ValueError("--out is required: the run folder to " + ("resume" if args.resume else "write"))
     given_runtime = [k for k in RUNTIME_FIELDS if getattr(args, k) is not None]
     config: TrainConfig | None = None
     if args.resume:
