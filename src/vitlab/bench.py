@@ -150,7 +150,8 @@ class _HFLogits(nn.Module):
 
 
 def build_model(library: str, config: ViTConfig) -> nn.Module:
-    """A randomly initialised ViT of ``config``'s architecture from ``library`` (fp32, CPU).
+    """A randomly initialised ViT of ``config``'s architecture from ``library`` (fp32, CPU), with its dropout
+    rates (and, for timm, drop path and patch dropout: what a training comparison needs).
 
     Raises :class:`PeerUnavailable` if the library is not installed or has no such architecture.
     """
@@ -188,8 +189,8 @@ def build_model(library: str, config: ViTConfig) -> nn.Module:
                 patch_drop_rate=c.patch_dropout,  # the same PatchDropout (a random share of patches per image)
                 **pool,
             )
-        if c.patch_dropout:
-            raise PeerUnavailable(f"{library} has no patch dropout")
+        if c.patch_dropout or c.drop_path:  # training-only regularisation this peer cannot build
+            raise PeerUnavailable(f"{library} has no patch dropout or drop path")
         if not square or c.pool != "token":
             raise PeerUnavailable(f"{library} builds square images with a class token only")
         if library == "hf":
@@ -207,8 +208,8 @@ def build_model(library: str, config: ViTConfig) -> nn.Module:
                 num_labels=c.num_classes,
                 layer_norm_eps=c.layer_norm_eps,
                 qkv_bias=c.qkv_bias,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
+                hidden_dropout_prob=c.dropout,
+                attention_probs_dropout_prob=c.attention_dropout,
             )
             hf = HFConfig(**hf_args)
             return _HFLogits(ViTForImageClassification._from_config(hf, attn_implementation="sdpa"))
@@ -223,6 +224,8 @@ def build_model(library: str, config: ViTConfig) -> nn.Module:
             num_heads=c.num_heads,
             hidden_dim=c.hidden_dim,
             mlp_dim=c.mlp_dim,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
             num_classes=c.num_classes,
         )
     except ImportError as e:
@@ -602,6 +605,7 @@ def result_header(script: str, argv: Sequence[str] | None = None) -> dict[str, A
         "command": shlex.join(["python", script, *args]),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
+        "versions": _versions(),
         "torch_threads": torch.get_num_threads(),
         "machine": machine_info(),
     }

@@ -18,6 +18,8 @@ Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
 POS_EMBED_CHOICES: tuple[str, ...] = get_args(PosEmbed)
 POOL_CHOICES: tuple[str, ...] = get_args(Pool)
+# training-time regularisation (probabilities in [0, 1)); no effect in evaluation
+REGULARISATION_FIELDS = ("dropout", "attention_dropout", "drop_path", "patch_dropout")
 
 # name: (hidden_dim, num_layers, num_heads, mlp_dim); paper Table 1, Ti/S as in DeiT
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -114,7 +116,7 @@ class ViTConfig:
         rep = self.representation_size
         if rep is not None and (isinstance(rep, bool) or not isinstance(rep, int) or rep < 1):
             raise ValueError(f"representation_size must be None or a positive int, got {rep!r}")
-        for name in ("dropout", "attention_dropout", "drop_path", "patch_dropout"):
+        for name in REGULARISATION_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")

@@ -492,7 +492,8 @@ class ViT(nn.Module):
         return None
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Eq. (1): z0 = [x_class; x_p E] + E_pos, shape (B, T, D), and the patch grid."""
+        """Eq. (1): z0 = [x_class; x_p E] + E_pos, shape (B, T, D), and the patch grid. In training with
+        ``patch_dropout`` only a random subset of each image's patch tokens is returned (fewer T, shuffled)."""
         grid = self._check(images)
         x = self.patch_embed(images)  # (B, N, D)
         pos = self.position_embeddings(grid)
@@ -528,7 +529,8 @@ class ViT(nn.Module):
         self.grad_checkpointing = enable
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """All tokens after the final LayerNorm, shape (B, T, D) (T = N + 1 with a class token)."""
+        """All tokens after the final LayerNorm, shape (B, T, D) (T = N + 1 with a class token; fewer in
+        training with ``patch_dropout``)."""
         x, grid = self.embed(images)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
@@ -551,7 +553,8 @@ class ViT(nn.Module):
 
     def attention_maps(self, images: Tensor) -> list[Tensor]:
         """Attention probabilities of every layer, each (B, heads, T, T), computed by an explicit
-        softmax(QK^T / sqrt(d) + bias) path that reproduces the fused forward."""
+        softmax(QK^T / sqrt(d) + bias) path that reproduces the fused forward. Call it in eval mode: with
+        ``patch_dropout`` in training the tokens are a random subset that no longer maps onto the grid."""
         x, grid = self.embed(images)
         maps = []
         for block in self.blocks:

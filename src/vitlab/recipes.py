@@ -172,9 +172,10 @@ def fashion_mnist() -> TrainConfig:
     """The best from-scratch Fashion-MNIST recipe measured here for a 10-minute budget on two CPU cores
     (docs/results.md): the demo's width and depth on 4x4 patches (49 + 1 tokens), half of each image's patches
     dropped at random in training (patch dropout: twice the images per second), 15 epochs, flips, no crops."""
-    return fashion_mnist_demo().replace(
+    demo = fashion_mnist_demo()
+    return demo.replace(
         recipe="fashion-mnist",
-        model_overrides=dict(hidden_dim=128, num_layers=6, num_heads=4, mlp_dim=256, patch_size=4, patch_dropout=0.5),
+        model_overrides={**demo.model_overrides, "patch_size": 4, "patch_dropout": 0.5},
         epochs=15,
         warmup_epochs=1,
     )
@@ -185,9 +186,10 @@ def fashion_mnist_2h() -> TrainConfig:
     of training on two CPU cores): the demo's width and depth on finer 4x4 patches (49 + 1 tokens), 60 epochs
     with a 3-epoch warm-up, pad-and-crop + flips, label smoothing 0.1, drop path 0.1, EMA of the weights
     (evaluated and saved)."""
-    return fashion_mnist_demo().replace(
+    demo = fashion_mnist_demo()
+    return demo.replace(
         recipe="fashion-mnist-2h",
-        model_overrides=dict(hidden_dim=128, num_layers=6, num_heads=4, mlp_dim=256, patch_size=4, drop_path=0.1),
+        model_overrides={**demo.model_overrides, "patch_size": 4, "drop_path": 0.1},
         epochs=60,
         warmup_epochs=3,
         ema_decay=0.9995,

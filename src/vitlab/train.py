@@ -293,6 +293,8 @@ def train(
     # --------------------------------------------------------------- model
     arch = {k: v for k, v in c.model_overrides.items() if k != "image_size"}
     if c.init_from:
+        # the checkpoint's patch dropout is how it was trained, not what this run asks for (the recipe says)
+        arch.setdefault("patch_dropout", 0.0)
         if not c.keep_head:  # keep_head: continue on the same classes (e.g. low-res training, then higher-res)
             arch.setdefault("representation_size", None)  # the paper fine-tunes with a single linear head
             arch["num_classes"] = num_classes

@@ -95,6 +95,23 @@ def test_every_named_recipe_resolves_to_a_buildable_model() -> None:
         assert config.num_patches >= 1
     long = get_recipe("fashion-mnist-2h")
     assert long.model_overrides["patch_size"] == 4 and long.ema_decay and long.augment.crop == "pad"
+    ten = get_recipe("fashion-mnist")  # the 10-minute recipe of docs/results.md
+    assert ten.model_overrides["patch_size"] == 4 and ten.model_overrides["patch_dropout"] == 0.5 and ten.epochs == 15
+
+
+def test_patch_dropout_trains_and_is_not_inherited_by_a_fine_tuning_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    dropped = TINY.replace(model_overrides={**TINY.model_overrides, "patch_dropout": 0.5})
+    result = train(dropped, tmp_path / "pd", progress=False)
+    assert result.step == 3 and result.test is not None and 0.0 <= result.test["top1"] <= 1.0
+    assert json.loads((tmp_path / "pd" / "config.json").read_text())["architecture"]["patch_dropout"] == 0.5
+    train(TINY.replace(init_from=str(tmp_path / "pd"), max_steps=1), tmp_path / "ft", progress=False)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["architecture"]["patch_dropout"] == 0.0
+    again = dropped.replace(init_from=str(tmp_path / "pd"), max_steps=1)  # unless the fine-tuning recipe asks
+    train(again, tmp_path / "ft-pd", progress=False)
+    assert json.loads((tmp_path / "ft-pd" / "config.json").read_text())["architecture"]["patch_dropout"] == 0.5
 
 
 def test_keep_head_continues_the_classifier_at_a_new_resolution(

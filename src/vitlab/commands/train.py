@@ -10,10 +10,9 @@ import sys
 from typing import Any
 
 from vitlab.augment import AugmentConfig
+from vitlab.config import REGULARISATION_FIELDS
 
 DEFAULT_RECIPE = "fashion-mnist-demo"
-# model overrides a recipe keeps when --model names another preset: regularisation and the input size
-_REGULARISATION = ("image_size", "dropout", "attention_dropout", "drop_path", "patch_dropout")
 
 # flag -> TrainConfig field, for the fields people change most; --set reaches every field
 _FLAGS: dict[str, tuple[str, type]] = {
@@ -109,7 +108,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     model = dict(config.model_overrides)
     if args.model is not None and args.model != config.model:
         # a new preset: keep only the recipe's regularisation and input-size overrides
-        model = {k: v for k, v in model.items() if k in _REGULARISATION}
+        model = {k: v for k, v in model.items() if k == "image_size" or k in REGULARISATION_FIELDS}
     # a whole model_overrides object applies first, so that model.X settings refine it in any order
     sets = sorted(args.sets, key=lambda item: not item.startswith("model_overrides="))
     for item in sets:
@@ -155,10 +154,10 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
-    # run the resolved config has them (where --set may have refined the flag)
     if args.out is None and (args.resume or not args.print_config):
         raise ValueError("--out is required: the run folder to " + ("resume" if args.resume else "write"))
+    # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
+    # run the resolved config has them (where --set may have refined the flag)
     given_runtime = [k for k in RUNTIME_FIELDS if getattr(args, k) is not None]
     config: TrainConfig | None = None
     if args.resume:
@@ -176,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-    runtime = {k: getattr(config or args, k) for k in given_runtime}
+    runtime = {k: getattr(config if config is not None else args, k) for k in given_runtime}
     try:
         result = train(
             config,
