@@ -253,6 +253,13 @@ def test_set_model_overrides_replaces_the_recipes_model_fields() -> None:
     assert json.loads(r.stdout)["model_overrides"] == {"num_layers": 8, "mlp_dim": 512}
 
 
+def test_another_model_keeps_only_the_recipes_regularisation() -> None:
+    r = run("train", "--recipe", "fashion-mnist", "--model", "S/16", "--print-config")
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["model"] == "S/16" and config["model_overrides"] == {"patch_dropout": 0.5}  # no width, depth, patch
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_training_or_resuming_without_out_is_a_usage_error(resume: bool) -> None:
     r = run("train", *TINY, "--max-steps", "1", *(["--resume", "--print-config"] if resume else []))
