@@ -168,17 +168,18 @@ def fashion_mnist_demo() -> TrainConfig:
     )
 
 
+def _demo_on_4x4_patches(recipe: str, model: ModelOverrides, **changes: Any) -> TrainConfig:
+    """The demo recipe's model (width, depth, heads, MLP) on 4x4 patches, with ``model`` overrides on top."""
+    demo = fashion_mnist_demo()
+    overrides = {**demo.model_overrides, "patch_size": 4, **model}
+    return demo.replace(recipe=recipe, model_overrides=overrides, **changes)
+
+
 def fashion_mnist() -> TrainConfig:
     """The best from-scratch Fashion-MNIST recipe measured here for a 10-minute budget on two CPU cores
     (docs/results.md): the demo's width and depth on 4x4 patches (49 + 1 tokens), half of each image's patches
     dropped at random in training (patch dropout: twice the images per second), 15 epochs, flips, no crops."""
-    demo = fashion_mnist_demo()
-    return demo.replace(
-        recipe="fashion-mnist",
-        model_overrides={**demo.model_overrides, "patch_size": 4, "patch_dropout": 0.5},
-        epochs=15,
-        warmup_epochs=1,
-    )
+    return _demo_on_4x4_patches("fashion-mnist", {"patch_dropout": 0.5}, epochs=15, warmup_epochs=1)
 
 
 def fashion_mnist_2h() -> TrainConfig:
@@ -186,10 +187,9 @@ def fashion_mnist_2h() -> TrainConfig:
     training on two CPU cores; with ``--epochs 100 --set model.patch_dropout=0.5`` seed 0 reached 93.14%): the
     demo's width and depth on finer 4x4 patches (49 + 1 tokens), 60 epochs with a 3-epoch warm-up, pad-and-crop
     + flips, label smoothing 0.1, drop path 0.1, EMA of the weights (evaluated and saved)."""
-    demo = fashion_mnist_demo()
-    return demo.replace(
-        recipe="fashion-mnist-2h",
-        model_overrides={**demo.model_overrides, "patch_size": 4, "drop_path": 0.1},
+    return _demo_on_4x4_patches(
+        "fashion-mnist-2h",
+        {"drop_path": 0.1},
         epochs=60,
         warmup_epochs=3,
         ema_decay=0.9995,
