@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,10 +52,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     malloc.keep_freed_memory()  # the command owns its process: reuse freed buffers instead of faulting in new pages
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
     except ValueError as e:  # bad user input reaching the library: a message, not a traceback
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        status = EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_teardown(status)
+    return status
+
+
+def _exit_without_teardown(status: int) -> NoReturn:
+    """End a process that torchrun started, once its command is done and its output flushed, without the
+    interpreter's teardown. DDP keeps the gloo process group (and its worker threads) alive past
+    ``destroy_process_group``; a worker thread still releasing a finished collective's tensors at interpreter
+    shutdown needs the GIL, is ended by Python mid-C++ and aborts the whole process ("terminate called without
+    an active exception", SIGABRT, seen in CI after successful runs). Every file is written by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -512,8 +512,9 @@ def train(
         metrics.flush()
         atomic_write_json(out / RESULTS_NAME, summary)
         _plot_curves(out)
-    # the other ranks wait for rank 0's test pass: a process leaving while the group is still in use can abort
-    # in gloo's teardown ("terminate called without an active exception", seen once in CI)
+    # the other ranks wait for rank 0's test pass, so that no process leaves while the group is in use. (The
+    # gloo group's threads outlive destroy_process_group once DDP has held it: the CLI skips the interpreter's
+    # teardown under torchrun for that reason, see cli._exit_without_teardown.)
     _barrier(d)
     if d.owns_group:
         import torch.distributed as dist

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import vitlab
 from vitlab.datasets import load_data
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
 
 
 @pytest.fixture
@@ -100,6 +102,28 @@ def test_predict_json_lines_errors_and_exit_status(grey_model: Path, tmp_path: P
     for line, path in zip(lines, good, strict=True):
         name, shown = line.split("\t")
         assert name == str(path) and shown.split(",")[0].rsplit(" ", 1)[0] in labels
+
+
+def test_a_command_under_torchrun_skips_teardown_but_keeps_output_and_status(grey_model: Path, tmp_path: Path) -> None:
+    # under torchrun (WORLD_SIZE > 1) the CLI leaves with os._exit once done, skipping the interpreter's teardown
+    # (an atexit hook stands for it here); buffered output must still reach the pipe, the status the process
+    Image.new("L", (28, 28), 128).save(tmp_path / "a.png")
+    hook = tmp_path / "site"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, sys\natexit.register(lambda: print('TEARDOWN', file=sys.stderr))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    torchrun = {**env, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    for args, status in [
+        (("models",), 0),
+        (("predict", str(grey_model), str(tmp_path / "a.png"), str(tmp_path / "no.png"), "--json"), 1),
+    ]:
+        alone, launched = run(*args, env=env), run(*args, env=torchrun)
+        assert alone.returncode == launched.returncode == status, launched.stderr
+        assert launched.stdout == alone.stdout and alone.stdout.strip()
+        assert "TEARDOWN" in alone.stderr and "TEARDOWN" not in launched.stderr
 
 
 def test_same_picture_grey_or_rgb_or_16_bit_gives_the_same_answer(grey_model: Path, tmp_path: Path) -> None:
