@@ -181,6 +181,8 @@ def test_two_processes_with_torchrun_over_loopback(tmp_path: Path) -> None:
            "--out", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    (summary,) = [json.loads(line) for line in r.stdout.splitlines()]  # rank 0's alone
+    assert summary["step"] == 3 and summary["test_top1"] is not None
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
     vitlab.from_pretrained(out)
