@@ -95,6 +95,7 @@ def test_every_named_recipe_resolves_to_a_buildable_model() -> None:
         assert config.num_patches >= 1
     long = get_recipe("fashion-mnist-2h")
     assert long.model_overrides["patch_size"] == 4 and long.ema_decay and long.augment.crop == "pad"
+    assert long.model_overrides["patch_dropout"] == 0.5 and long.epochs == 100
     ten = get_recipe("fashion-mnist")  # the 10-minute recipe of docs/results.md
     assert ten.model_overrides["patch_size"] == 4 and ten.model_overrides["patch_dropout"] == 0.5 and ten.epochs == 15
 
