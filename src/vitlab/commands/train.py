@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
     # run the resolved config has them (where --set may have refined the flag)
     given_runtime = [k for k in RUNTIME_FIELDS if getattr(args, k) is not None]
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone speaks for the run
     config: TrainConfig | None = None
     if args.resume:
         # the run continues as it was saved: settings that change results are named, not even validated
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(saved.to_dict(), indent=2))
             return 0
         ignored = _given_settings(args)
-        if ignored and os.environ.get("RANK", "0") == "0":
+        if ignored and rank0:
             log(f"--resume continues the saved configuration; ignoring {', '.join(ignored)}")
     else:
         config = resolve_config(args)
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         log(f"vitlab train: error: {e}")
         return 1
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the summary is rank 0's: the others have no test pass
+    if not rank0:  # the summary is rank 0's: the others have no test pass
         return 0
     summary = {
         "out": str(result.out),
