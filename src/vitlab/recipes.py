@@ -60,6 +60,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     label_smoothing: float = 0.0
     ema_decay: float | None = None
+    full_patch_epochs: float = 0.0  # the last this-many epochs train on every patch (model.patch_dropout off)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mean: tuple[float, ...] | None = None  # normalisation; None: the dataset's (scratch) or checkpoint's
     std: tuple[float, ...] | None = None
@@ -102,6 +103,7 @@ class TrainConfig:
             (self.eval_every > 0, f"eval_every must be > 0 (epochs), got {self.eval_every}"),
             (self.eval_batch_size > 0, f"eval_batch_size must be > 0, got {self.eval_batch_size}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.full_patch_epochs >= 0, f"full_patch_epochs must be >= 0, got {self.full_patch_epochs}"),
             (
                 self.warmup_steps is None or self.warmup_steps >= 0,
                 f"warmup_steps must be >= 0, got {self.warmup_steps}",

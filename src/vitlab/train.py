@@ -329,6 +329,17 @@ def train(
     if warmup >= total:
         log(f"warm-up of {warmup} steps is not shorter than the run ({total} steps): using {total // 10}")
         warmup = total // 10
+    full_patch = round(c.full_patch_epochs * steps_per_epoch)  # the last steps, on every patch
+    if full_patch and model.config.patch_dropout == 0:
+        raise ValueError(
+            f"full_patch_epochs={c.full_patch_epochs} turns patch dropout off for the last epochs, but the model "
+            "drops no patches: set model.patch_dropout (e.g. --set model.patch_dropout=0.5) or drop full_patch_epochs"
+        )
+    if full_patch >= total:
+        raise ValueError(
+            f"full_patch_epochs={c.full_patch_epochs} ({full_patch} steps) is not shorter than the run "
+            f"({total} steps): no step would drop patches"
+        )
 
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
     if resume:
@@ -404,6 +415,10 @@ def train(
     with _Signals() as signals:
         while step < total:
             for images, labels in _epoch_batches(train_set, c, d, epoch, micro_pos):
+                if full_patch and step >= total - full_patch and model.config.patch_dropout > 0:
+                    # (a compiled forward recompiles once for the longer sequence)
+                    log(f"step {step}: patch dropout off for the last {total - step} steps (full_patch_epochs)")
+                    model.config = model.config.replace(patch_dropout=0.0)
                 # augment on the CPU (per-image random draws from the checkpointed CPU generator), then move
                 x, target = augment(images, labels)
                 x, target, labels = x.to(device), target.to(device), labels.to(device)

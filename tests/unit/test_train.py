@@ -173,3 +173,50 @@ def test_keep_head_continues_the_classifier_at_a_new_resolution(
     kept_pre = vitlab.from_pretrained(tmp_path / "p")
     assert kept_pre.config.representation_size == 16
     torch.testing.assert_close(kept_pre.state_dict()["head.weight"], pre.state_dict()["head.weight"], rtol=0, atol=1e-6)
+
+
+def test_full_patch_epochs_train_the_last_epochs_on_every_patch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With patch dropout 0.5 the blocks see 1 + 8 of the 16 patch tokens, after the switch all 1 + 16, also
+    when the run is resumed past the switch. Refused: no patch dropout to turn off, or no step left with it."""
+    import os
+    import signal
+
+    import vitlab.train as vt
+    from vitlab.train import TrainingInterrupted
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    seen: list[int] = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            seen.append(args[0].shape[1])
+            if len(seen) == 30:  # a SIGTERM during step 30: the run saves after it and stops
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        model = create(*args, **kwargs)
+        model.blocks[0].register_forward_pre_hook(record)
+        return model
+
+    create = vt.create_model
+    monkeypatch.setattr(vt, "create_model", recording)
+    # 576 training images in batches of 32: 18 steps per epoch, 36 in all, the last 9 on every patch
+    dropped = TINY.replace(
+        model_overrides={**TINY.model_overrides, "patch_dropout": 0.5}, max_steps=None, epochs=2, full_patch_epochs=0.5
+    )
+    logs: list[str] = []
+    with pytest.raises(TrainingInterrupted):
+        train(dropped, tmp_path / "run", progress=False, log=logs.append)
+    assert seen == [1 + 8] * 27 + [1 + 16] * 3
+    assert any("step 27: patch dropout off for the last 9 steps" in line for line in logs), logs
+    result = train(None, tmp_path / "run", resume=True, progress=False)
+    assert result.step == 36 and seen == [1 + 8] * 27 + [1 + 16] * 9
+
+    with pytest.raises(ValueError, match="full_patch_epochs must be >= 0"):
+        TINY.replace(full_patch_epochs=-1)
+    with pytest.raises(ValueError, match="the model drops no patches"):
+        train(TINY.replace(max_steps=None, epochs=2, full_patch_epochs=1), tmp_path / "none", progress=False)
+    with pytest.raises(ValueError, match=r"\(36 steps\) is not shorter than the run \(36 steps\)"):
+        train(dropped.replace(full_patch_epochs=2), tmp_path / "all", progress=False)
