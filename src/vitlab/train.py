@@ -338,7 +338,7 @@ def train(
     if full_patch >= total:
         raise ValueError(
             f"full_patch_epochs={c.full_patch_epochs} ({full_patch} steps) is not shorter than the run "
-            f"({total} steps): no step would drop patches"
+            f"({total} steps): no step would drop patches (--set full_patch_epochs=0 keeps patch dropout to the end)"
         )
 
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
