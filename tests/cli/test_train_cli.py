@@ -259,7 +259,7 @@ def test_another_model_keeps_only_the_recipes_regularisation() -> None:
     r = run("train", "--recipe", "fashion-mnist", "--model", "S/16", "--print-config")
     assert r.returncode == 0, r.stderr
     config = json.loads(r.stdout)
-    assert config["model"] == "S/16" and config["model_overrides"] == {"patch_dropout": 0.5}  # no width, depth, patch
+    assert config["model"] == "S/16" and config["model_overrides"] == {"patch_dropout": 0.75}  # no width, depth, patch
 
 
 @pytest.mark.parametrize("resume", [False, True])
