@@ -62,12 +62,15 @@ def plain_timm_loop(c: TrainConfig, steps: int, skip: int) -> float:
     return b / statistics.median(times[skip:])
 
 
+VITLAB_TRAIN_CHANGES = {"eval_every": 1e6, "full_patch_epochs": 0.0}  # besides max_steps = skip + steps
+
+
 def vitlab_train(c: TrainConfig, steps: int, skip: int, work: Path) -> float:
     """Median of the images/s ``vitlab train`` logs per step, after ``skip`` steps, without validation steps.
     A recipe's closing epochs on every patch (``full_patch_epochs``) are left out: this is its patch-dropout
     phase, the one timm's loop is given too."""
     out = work / "run"
-    c = c.replace(max_steps=skip + steps, eval_every=1e6, full_patch_epochs=0.0)
+    c = c.replace(**VITLAB_TRAIN_CHANGES, max_steps=skip + steps)
     train(c, out, overwrite=True, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     validated = {r["step"] for r in rows if "val_top1" in r}
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     document: dict[str, Any] = {
         **result_header("benchmarks/train_throughput.py", argv),  # machine's malloc flag: this parent process's
         "recipe": c.to_dict(),
+        "vitlab_train_changes": {**VITLAB_TRAIN_CHANGES, "max_steps": "skip + steps"},
         "images_per_s_per_round": results,
         "malloc_keeps_freed_memory_per_round": kept_freed,
         "median_images_per_s": med,

@@ -419,6 +419,7 @@ class ViT(nn.Module):
             head_in = config.representation_size
         self.head: nn.Module = Linear(head_in, config.num_classes) if config.num_classes else nn.Identity()
         self.grad_checkpointing = False
+        self.drop_patches = True  # False: train on every patch whatever config.patch_dropout says
         self.init_weights(zero_head=zero_head)
 
     # ----------------------------------------------------------------------------------------- init
@@ -507,7 +508,7 @@ class ViT(nn.Module):
                 x = x + pos
             if self.cls_token is not None:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.training and self.config.patch_dropout > 0:
+        if self.training and self.drop_patches and self.config.patch_dropout > 0:
             x = self._drop_patches(x)
         return self.pos_drop(x), grid
 

@@ -330,16 +330,17 @@ def train(
         log(f"warm-up of {warmup} steps is not shorter than the run ({total} steps): using {total // 10}")
         warmup = total // 10
     full_patch = round(c.full_patch_epochs * steps_per_epoch)  # the last steps, on every patch
+    # a recipe's closing full-patch epochs are moot when a run drops no patches or is too short (a quick
+    # --max-steps try): said, not refused, as for the warm-up
     if full_patch and model.config.patch_dropout == 0:
-        raise ValueError(
-            f"full_patch_epochs={c.full_patch_epochs} turns patch dropout off for the last epochs, but the model "
-            "drops no patches: set model.patch_dropout (e.g. --set model.patch_dropout=0.5) or drop full_patch_epochs"
-        )
-    if full_patch >= total:
-        raise ValueError(
+        log(f"full_patch_epochs={c.full_patch_epochs} has nothing to turn off: the model drops no patches")
+        full_patch = 0
+    if full_patch and full_patch >= total:
+        log(
             f"full_patch_epochs={c.full_patch_epochs} ({full_patch} steps) is not shorter than the run "
-            f"({total} steps): no step would drop patches (--set full_patch_epochs=0 keeps patch dropout to the end)"
+            f"({total} steps): patch dropout stays on to the end"
         )
+        full_patch = 0
 
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
     if resume:
@@ -415,10 +416,11 @@ def train(
     with _Signals() as signals:
         while step < total:
             for images, labels in _epoch_batches(train_set, c, d, epoch, micro_pos):
-                if full_patch and step >= total - full_patch and model.config.patch_dropout > 0:
-                    # (a compiled forward recompiles once for the longer sequence)
+                if full_patch and step >= total - full_patch and model.drop_patches:
+                    # the saved config keeps its patch_dropout (how the model was trained); a compiled forward
+                    # recompiles once for the longer sequence
                     log(f"step {step}: patch dropout off for the last {total - step} steps (full_patch_epochs)")
-                    model.config = model.config.replace(patch_dropout=0.0)
+                    model.drop_patches = False
                 # augment on the CPU (per-image random draws from the checkpointed CPU generator), then move
                 x, target = augment(images, labels)
                 x, target, labels = x.to(device), target.to(device), labels.to(device)
