@@ -335,7 +335,7 @@ def train(
     if full_patch and model.config.patch_dropout == 0:
         log(f"full_patch_epochs={c.full_patch_epochs} has nothing to turn off: the model drops no patches")
         full_patch = 0
-    if full_patch and full_patch >= total:
+    if full_patch >= total:  # total >= 1, so 0 never gets here
         log(
             f"full_patch_epochs={c.full_patch_epochs} ({full_patch} steps) is not shorter than the run "
             f"({total} steps): patch dropout stays on to the end"
