@@ -13,6 +13,7 @@ into a token-pooled, learned-1D model with no renaming.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -139,6 +140,11 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _linear_grads(ctx, grad, onednn_linear, _onednn_weight_grad)
 
 
+def _cpu_autocast() -> bool:
+    """Whether CPU autocast is on (vitlab's training uses it with bf16: ``--amp bf16``, or ``auto`` with AMX)."""
+    return torch.is_autocast_enabled("cpu")
+
+
 def _is_exporting() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
     return bool(is_exporting and is_exporting())
@@ -152,46 +158,59 @@ def _functorch_wrapped(*tensors: Tensor) -> bool:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose GEMMs run on oneDNN on CPU, in inference and
     training, eager or under ``torch.compile``: on this project's AMD CPU oneDNN's fp32 GEMM measured ~2x the
-    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). While tracing or exporting (ONNX,
-    ``torch.export``), inside ``torch.func`` transforms, under autocast, on other devices or dtypes, or with
+    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). Under CPU bf16 autocast the GEMMs run
+    on oneDNN in bf16 (AMX where the CPU has it). While tracing or exporting (ONNX, ``torch.export``), inside
+    ``torch.func`` transforms, under other autocast dtypes, on other devices or dtypes, or with
     ``VITLAB_ONEDNN=0`` it computes exactly what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients
-    agree with ``F.linear`` to float32 rounding (tested)."""
+    agree with ``F.linear`` to float32 rounding, and under bf16 autocast to bf16 rounding (tested)."""
 
-    def _onednn_applies(self, x: Tensor) -> bool:
-        return (
+    def _gemm_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The dtype of the oneDNN GEMM this call runs, or None for ``F.linear``: float32, or bfloat16 under CPU
+        bf16 autocast (the operands are cast to bf16, as autocast would for ``F.linear``; oneDNN accumulates in
+        fp32 and, on CPUs with AMX, runs ~5x the fp32 rate)."""
+        if not (
             _ONEDNN
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not x.is_mkldnn
-            and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export()
             and not _is_exporting()
-        )
+        ):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            return torch.bfloat16 if bf16 else None
+        return torch.float32 if x.dtype == torch.float32 else None
 
     def _needs_grad(self, x: Tensor) -> bool:
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         return torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._onednn_applies(x):
+        dtype = self._gemm_dtype(x)
+        if dtype is None:
             return F.linear(x, self.weight, self.bias)
+        weight: Tensor = self.weight
+        bias: Tensor | None = self.bias
+        if dtype != torch.float32:  # differentiable casts: the fp32 parameters get their gradients back in fp32
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         if torch.compiler.is_compiling():
-            return linear_op(x, self.weight, self.bias)
-        if _functorch_wrapped(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
+            return linear_op(x, weight, bias)
+        if _functorch_wrapped(x, weight):
+            return F.linear(x, weight, bias)
         if self._needs_grad(x):
-            out: Tensor = _OneDNNLinearFn.apply(x, self.weight, self.bias)
+            out: Tensor = _OneDNNLinearFn.apply(x, weight, bias)
             return out
-        return onednn_linear(x, self.weight, self.bias)
+        return onednn_linear(x, weight, bias)
 
     def fused_gelu(self, x: Tensor) -> Tensor | None:
         """``F.gelu(self(x))`` in one oneDNN call, the GELU in the GEMM's output stage (B/16's fc1 + GELU at
         batch 16 measured 57 -> 44 ms), or None where that does not apply: outside the oneDNN path, inside
         ``torch.func`` transforms, or when a gradient is needed (the backward needs the pre-activation)."""
-        if not self._onednn_applies(x) or self._needs_grad(x):
+        if self._gemm_dtype(x) != torch.float32 or self._needs_grad(x):
             return None
         if torch.compiler.is_compiling():
             return linear_gelu_op(x, self.weight, self.bias)
@@ -236,7 +255,8 @@ class DropPath(nn.Module):
 # On CPU, up to this many tokens attention is computed as written (two batched matmuls and a softmax, which
 # torch.compile fuses) rather than by SDPA's flash kernel, whose blocking costs more than it saves on short
 # sequences: the compiled demo training step (17 tokens) measured 5% faster, 50 tokens equal
-# (docs/performance.md). Longer sequences, GPUs and bf16 use SDPA.
+# (docs/performance.md); under CPU autocast it runs in fp32 (forward_explicit). Longer sequences, GPUs and bf16
+# weights use SDPA.
 EXPLICIT_ATTENTION_MAX_TOKENS = 64
 
 
@@ -279,8 +299,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         if (
             x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")  # SDPA keeps its softmax in fp32 under bf16
+            and (x.dtype == torch.float32 or _cpu_autocast())
             and x.shape[1] <= EXPLICIT_ATTENTION_MAX_TOKENS
         ):
             return self.forward_explicit(x, grid)[0]
@@ -291,15 +310,22 @@ class Attention(nn.Module):
         return self._merge(out)
 
     def forward_explicit(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """The same computation written out, also returning the attention probabilities (B, h, T, T)."""
+        """The same computation written out, also returning the attention probabilities (B, h, T, T). Under CPU
+        autocast the attention itself (the two small batched matmuls and the softmax) stays in fp32: at these
+        sizes bf16 gains nothing there, and SDPA's bf16 backward on CPU measured ~8x slower than the compiled
+        fp32 path (docs/performance.md); the projections around it still run in bf16."""
         q, k, v = self._qkv(x)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self._bias(grid, q.dtype)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
-        dropped = F.dropout(probs, self.attn_drop, training=self.training)
-        return self._merge(dropped @ v), probs
+        cpu_autocast = _cpu_autocast()
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+            if cpu_autocast:
+                q, k, v = q.float(), k.float(), v.float()
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            bias = self._bias(grid, q.dtype)
+            if bias is not None:
+                logits = logits + bias
+            probs = logits.softmax(dim=-1)
+            out = F.dropout(probs, self.attn_drop, training=self.training) @ v
+        return self._merge(out), probs
 
 
 class Mlp(nn.Module):

@@ -297,8 +297,9 @@ def test_onednn_linear_steps_aside_for_autocast_and_switch(monkeypatch: pytest.M
 
     layer = vm.Linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.bfloat16  # autocast decides, as for nn.Linear
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast dtypes other than bf16: F.linear
+        y16 = layer(x)
+        assert y16.dtype == torch.float16 and "OneDNN" not in type(y16.grad_fn).__name__
     monkeypatch.setattr(vm, "_ONEDNN", False)  # VITLAB_ONEDNN=0
     y = layer(x)
     assert "OneDNN" not in type(y.grad_fn).__name__
@@ -459,6 +460,35 @@ def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.Monkey
     _assert_matches_plain_linear(model, loss, compiled, monkeypatch, loss_atol=1e-5)
 
 
+def test_bf16_autocast_training_under_inductor_matches_plain_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU bf16 autocast, compiled by inductor: every GEMM runs on oneDNN in bf16, and the loss and fp32
+    gradients agree, to bf16 rounding, with the eager autocast step of plain nn.Linear (oneDNN off)."""
+    from vitlab import model as vm
+
+    model = _tiny_vit()
+    dtypes = []
+    kernel = vm.onednn_linear
+
+    def counting(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        dtypes.append((x.dtype, weight.dtype))
+        return kernel(x, weight, bias)
+
+    torch._dynamo.reset()
+    with monkeypatch.context() as patched, torch.autocast("cpu", dtype=torch.bfloat16):
+        patched.setattr(vm, "onednn_linear", counting)
+        loss, grads = _tiny_vit_loss_and_grads(torch.compile(model), model)
+    assert len(dtypes) >= 3 * 2 * 4 and set(dtypes) == {(torch.bfloat16, torch.bfloat16)}
+    monkeypatch.setattr(vm, "_ONEDNN", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref = _tiny_vit_loss_and_grads(model, model)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
+    for name in ref:
+        assert grads[name].dtype == torch.float32
+        scale = ref[name].abs().max().item() + 1e-6  # bf16 keeps ~3 significant digits: compare to the largest
+        torch.testing.assert_close(grads[name] / scale, ref[name] / scale, rtol=0, atol=5e-2, msg=name)
+
+
 def test_inference_fuses_fc1_and_gelu_and_matches_the_two_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """In inference each block's fc1 + GELU is one oneDNN call (eager and under inductor), with the same logits
     as the plain nn.Linear + nn.GELU path; with gradients on, the two steps stay separate."""
@@ -523,9 +553,47 @@ def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypa
         torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
     monkeypatch.setattr(vm, "EXPLICIT_ATTENTION_MAX_TOKENS", 64)
     sdpa_calls.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # bf16: SDPA keeps the softmax in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast: still explicit, in fp32
         model(images)
+    assert not sdpa_calls
+    with torch.no_grad():  # bf16 weights: SDPA, which keeps its softmax in fp32
+        model.bfloat16()(images.bfloat16())
     assert len(sdpa_calls) == tiny.num_layers
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_under_bf16_autocast_matches_f_linear(bias: bool) -> None:
+    """Under CPU bf16 autocast Linear runs oneDNN's bf16 GEMM: the same bf16 output as autocast's F.linear,
+    and fp32 gradients for the fp32 parameters, equal to autocast's to bf16 rounding."""
+    from vitlab import model as vm
+
+    torch.manual_seed(0)
+    layer = vm.Linear(48, 40, bias=bias)
+    base = torch.randn(3, 7, 48)
+    grad_out = torch.randn(3, 7, 40)
+
+    def run(fn: Any) -> list[Tensor | None]:
+        x = base.clone().requires_grad_(True)
+        for p in layer.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        (y.float() * grad_out).sum().backward()
+        return [y, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
+
+    ours = run(layer)
+    reference = run(lambda x: F.linear(x, layer.weight, layer.bias))
+    assert ours[0] is not None and ours[0].dtype == torch.bfloat16
+    assert "OneDNN" in type(ours[0].grad_fn).__name__  # the fast path ran
+    for got, want, ref_dtype in zip(ours, reference, [torch.bfloat16] + [torch.float32] * 3, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            assert got is not None and got.dtype == want.dtype == ref_dtype
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: no fused fp32 GELU call
+        block_mlp = vm.Mlp(ViTConfig(image_size=8, patch_size=4, hidden_dim=48, num_heads=2, mlp_dim=40))
+        assert block_mlp(base).dtype == torch.bfloat16
 
 
 def test_hooked_fc1_or_act_is_called_as_a_module_in_inference() -> None:

@@ -227,3 +227,16 @@ def test_full_patch_epochs_train_the_last_epochs_on_every_patch(
     assert seen == [1 + 8] * 4 and any("(9 steps) is not shorter than the run (4 steps)" in line for line in logs)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["architecture"]
     assert saved["patch_dropout"] == 0.5  # the saved model says how it was trained, switch or not
+
+
+def test_amp_auto_means_bf16_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitlab import train as vt
+
+    cpu = torch.device("cpu")
+    assert vt.uses_bf16("bf16", cpu) and not vt.uses_bf16("none", cpu)
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert vt.cpu_has_amx() is amx
+        assert vt.uses_bf16("auto", cpu) is amx
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the (private) probe: fp32
+    assert not vt.cpu_has_amx() and not vt.uses_bf16("auto", cpu)
