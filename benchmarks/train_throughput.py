@@ -5,9 +5,10 @@ The plain loop is what a user writes by hand: timm's ``VisionTransformer`` of th
 forward + cross-entropy + backward + step. vitlab's number is the steady-state images/s that ``vitlab train``
 itself logs per step in ``metrics.jsonl`` (slicing the uint8 data, augmentation, normalisation, step, metrics),
 median over the steps after ``--skip`` (warm-up, and torch.compile's compilation with ``--compile``), leaving
-out steps that ran a validation pass. The two alternate ``--rounds`` times, each measurement in a fresh Python
-process (no compile caches, allocator state or threads carried from one measurement to the next); medians over
-rounds, ratios in-run.
+out steps that ran a validation pass. Each side is measured in fp32 and under bf16 autocast (vitlab:
+``--amp none`` and ``--amp bf16``; ``--amp auto``, the recipes' default, is bf16 on CPUs with AMX). The four
+alternate ``--rounds`` times, each measurement in a fresh Python process (no compile caches, allocator state or
+threads carried from one measurement to the next); medians over rounds, and medians of the same-round ratios.
 
     python benchmarks/train_throughput.py [--recipe fashion-mnist] [--steps 300] [--rounds 3] [--compile]
 """
@@ -41,8 +42,9 @@ def _architecture(c: TrainConfig) -> ViTConfig:
     return ViTConfig.from_name(c.model, image_size=28, in_channels=1, num_classes=10, **c.model_overrides)
 
 
-def plain_timm_loop(c: TrainConfig, steps: int, skip: int) -> float:
-    """Median images/s of a hand-written eager loop over timm's model (after ``skip`` warm-up steps)."""
+def plain_timm_loop(c: TrainConfig, steps: int, skip: int, bf16: bool) -> float:
+    """Median images/s of a hand-written eager loop over timm's model (after ``skip`` warm-up steps), the
+    forward and loss under bf16 autocast if ``bf16``."""
     torch.manual_seed(0)
     model = build_model("timm", _architecture(c)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -54,7 +56,8 @@ def plain_timm_loop(c: TrainConfig, steps: int, skip: int) -> float:
     for i in range(skip + steps):
         t0 = time.perf_counter()
         j = (i * b) % (n - b)
-        loss = F.cross_entropy(model(x[j : j + b]), y[j : j + b], label_smoothing=c.label_smoothing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x[j : j + b]), y[j : j + b], label_smoothing=c.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,14 +81,15 @@ def vitlab_train(c: TrainConfig, steps: int, skip: int, work: Path) -> float:
     return statistics.median(ips)
 
 
-MEASUREMENTS = ("timm_plain_eager_loop", "vitlab_train")
+MEASUREMENTS = ("timm_plain_eager_loop", "vitlab_train", "timm_plain_eager_loop_bf16", "vitlab_train_bf16")
 
 
 def _measure(kind: str, recipe: str, compile_: bool, steps: int, skip: int) -> float:
     """One measurement in this process (what the child process runs)."""
-    c = get_recipe(recipe).replace(compile=compile_)
-    if kind == "timm_plain_eager_loop":
-        return plain_timm_loop(c, steps, skip)
+    bf16 = kind.endswith("_bf16")
+    c = get_recipe(recipe).replace(compile=compile_, amp="bf16" if bf16 else "none")
+    if kind.startswith("timm_plain_eager_loop"):
+        return plain_timm_loop(c, steps, skip, bf16)
     with tempfile.TemporaryDirectory(prefix="vitlab-train-throughput-") as tmp:
         return vitlab_train(c, steps, max(skip, 60) if compile_ else skip, Path(tmp))
 
@@ -98,6 +102,10 @@ def _measure_in_child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"measurement {kind} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _median_ratio(results: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(results[a], results[b], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             kept_freed[kind].append(bool(child["malloc_keeps_freed_memory"]))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in results.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    ratio = med["vitlab_train"] / med["timm_plain_eager_loop"]
-    print(f"median images/s: {med}; vitlab train / timm plain loop = {ratio:.3f}")
+    ratios = {  # medians of the same-round ratios
+        "vitlab_train_vs_timm_plain_loop_fp32": _median_ratio(results, "vitlab_train", "timm_plain_eager_loop"),
+        "vitlab_train_vs_timm_plain_loop_bf16": _median_ratio(
+            results, "vitlab_train_bf16", "timm_plain_eager_loop_bf16"
+        ),
+        "vitlab_train_bf16_vs_fp32": _median_ratio(results, "vitlab_train_bf16", "vitlab_train"),
+    }
+    print(f"median images/s: {med}; median same-round ratios: {ratios}")
     out = args.out or f"benchmarks/results/train_throughput{'_compile' if args.compile else ''}.json"
     document: dict[str, Any] = {
         **result_header("benchmarks/train_throughput.py", argv),  # machine's malloc flag: this parent process's
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s_per_round": results,
         "malloc_keeps_freed_memory_per_round": kept_freed,
         "median_images_per_s": med,
-        "ratio_vitlab_train_vs_timm_plain_loop": ratio,
+        "median_same_round_ratios": ratios,
     }
     atomic_write_json(out, document)
     print(f"wrote {out}")
