@@ -69,6 +69,7 @@ def vit_config(quick: bool, seed: int, **changes: Any) -> TrainConfig:
         label_smoothing=0.1,
         clip_grad=None,
         augment=AugmentConfig(crop="none", hflip=True),
+        amp="none",  # fp32 like the ResNet loop, on every CPU: a matched budget
         seed=seed,
         **base,
     )

@@ -34,6 +34,8 @@ def _onednn_usable() -> bool:
 
 
 _ONEDNN = _onednn_usable()
+# oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 autocast keeps F.linear
+_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def onednn_enabled() -> bool:
@@ -41,8 +43,15 @@ def onednn_enabled() -> bool:
     return _ONEDNN
 
 
+def onednn_bf16_enabled() -> bool:
+    """Whether vitlab's linear layers run oneDNN's bf16 GEMM under CPU bf16 autocast (oneDNN on, and a CPU it
+    supports bf16 on)."""
+    return _ONEDNN_BF16
+
+
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` by oneDNN's fp32 GEMM (any leading dims; strided operands are accepted)."""
+    """``x @ weight.T + bias`` by oneDNN's GEMM, fp32 or bf16 operands (any leading dims; strided operands are
+    accepted)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -140,9 +149,15 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _linear_grads(ctx, grad, onednn_linear, _onednn_weight_grad)
 
 
-def _cpu_autocast() -> bool:
-    """Whether CPU autocast is on (vitlab's training uses it with bf16: ``--amp bf16``, or ``auto`` with AMX)."""
-    return torch.is_autocast_enabled("cpu")
+def _cpu_autocast(x: Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor of autocast's dtypes under CPU autocast (vitlab's training autocasts to bf16
+    with ``--amp bf16``, or ``auto`` on CPUs with AMX)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.is_autocast_enabled("cpu")
+
+
+def _fp32_attention(cpu_autocast: bool) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for the attention core when CPU autocast is on (its inputs are then cast to fp32)."""
+    return torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext()
 
 
 def _is_exporting() -> bool:
@@ -181,7 +196,7 @@ class Linear(nn.Linear):
             return None
         if torch.is_autocast_enabled("cpu"):
             bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-            return torch.bfloat16 if bf16 else None
+            return torch.bfloat16 if bf16 and _ONEDNN_BF16 else None
         return torch.float32 if x.dtype == torch.float32 else None
 
     def _needs_grad(self, x: Tensor) -> bool:
@@ -208,8 +223,9 @@ class Linear(nn.Linear):
 
     def fused_gelu(self, x: Tensor) -> Tensor | None:
         """``F.gelu(self(x))`` in one oneDNN call, the GELU in the GEMM's output stage (B/16's fc1 + GELU at
-        batch 16 measured 57 -> 44 ms), or None where that does not apply: outside the oneDNN path, inside
-        ``torch.func`` transforms, or when a gradient is needed (the backward needs the pre-activation)."""
+        batch 16 measured 57 -> 44 ms), or None where that does not apply: outside the oneDNN fp32 path (under
+        autocast too), inside ``torch.func`` transforms, or when a gradient is needed (the backward needs the
+        pre-activation)."""
         if self._gemm_dtype(x) != torch.float32 or self._needs_grad(x):
             return None
         if torch.compiler.is_compiling():
@@ -255,8 +271,8 @@ class DropPath(nn.Module):
 # On CPU, up to this many tokens attention is computed as written (two batched matmuls and a softmax, which
 # torch.compile fuses) rather than by SDPA's flash kernel, whose blocking costs more than it saves on short
 # sequences: the compiled demo training step (17 tokens) measured 5% faster, 50 tokens equal
-# (docs/performance.md); under CPU autocast it runs in fp32 (forward_explicit). Longer sequences, GPUs and bf16
-# weights use SDPA.
+# (docs/performance.md). Longer sequences, GPUs and bf16 weights use SDPA. Under CPU autocast attention runs in
+# fp32 either way (Attention.forward_explicit).
 EXPLICIT_ATTENTION_MAX_TOKENS = 64
 
 
@@ -297,26 +313,32 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        cpu_autocast = _cpu_autocast(x)
         if (
             x.device.type == "cpu"
-            and (x.dtype == torch.float32 or _cpu_autocast())
+            and (x.dtype == torch.float32 or cpu_autocast)
             and x.shape[1] <= EXPLICIT_ATTENTION_MAX_TOKENS
         ):
             return self.forward_explicit(x, grid)[0]
         q, k, v = self._qkv(x)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self._bias(grid, q.dtype), dropout_p=self.attn_drop if self.training else 0.0
-        )
+        with _fp32_attention(cpu_autocast):
+            if cpu_autocast:
+                q, k, v = q.float(), k.float(), v.float()
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self._bias(grid, q.dtype), dropout_p=self.attn_drop if self.training else 0.0
+            )
         return self._merge(out)
 
     def forward_explicit(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """The same computation written out, also returning the attention probabilities (B, h, T, T). Under CPU
-        autocast the attention itself (the two small batched matmuls and the softmax) stays in fp32, while the
-        projections around it run in bf16: with SDPA in bf16 instead, its CPU backward took 70% of the compiled
-        training step of the fashion-mnist model (143 ms a step against 41 ms this way, docs/performance.md)."""
+        """The same computation written out, also returning the attention probabilities (B, h, T, T).
+
+        Under CPU autocast attention itself (the products of queries and keys, the softmax, the weighted sum)
+        runs in fp32, here and in ``forward``, while the projections around it run in bf16: with SDPA in bf16
+        instead, its CPU backward took 70% of the compiled training step of the fashion-mnist model (143 ms a
+        step against 41 ms this way, docs/performance.md)."""
         q, k, v = self._qkv(x)
-        cpu_autocast = _cpu_autocast()
-        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+        cpu_autocast = _cpu_autocast(x)
+        with _fp32_attention(cpu_autocast):
             if cpu_autocast:
                 q, k, v = q.float(), k.float(), v.float()
             logits = (q * self.scale) @ k.transpose(-2, -1)

@@ -40,7 +40,7 @@ from vitlab.datasets import batches, load_data, normalize_stats
 from vitlab.evaluate import evaluate_tensors
 from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
 from vitlab.malloc import keep_freed_memory
-from vitlab.model import ViT, create_model
+from vitlab.model import ViT, create_model, onednn_bf16_enabled
 from vitlab.recipes import TrainConfig
 
 STATE_NAME = "training_state.pt"
@@ -163,16 +163,17 @@ def cpu_has_amx() -> bool:
 
 def uses_bf16(amp: str, device: torch.device) -> bool:
     """What ``amp`` means on ``device``: ``auto`` is bf16 autocast on CUDA GPUs that support it and on CPUs with
-    AMX, fp32 elsewhere (without AMX bf16 autocast measured slower than fp32 on CPU)."""
+    AMX where vitlab's linear layers run oneDNN's bf16 GEMM, fp32 elsewhere (plain bf16 autocast measured
+    slower than fp32 on CPU). Resolved when a run starts or resumes: a run resumed on another machine may change."""
     if amp != "auto":
         return amp == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_amx()
+    return device.type == "cpu" and cpu_has_amx() and onednn_bf16_enabled()
 
 
-def _autocast(c: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if not uses_bf16(c.amp, device):
+def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -380,6 +381,7 @@ def train(
     augment = BatchAugment(c.augment, mean, std, num_classes)
 
     metrics = _Metrics(out, step, d.main)
+    bf16 = uses_bf16(c.amp, device)  # once per run (also the probe of the CPU)
     if d.main:
         atomic_write_json(out / RUN_CONFIG_NAME, c.to_dict())
         mc = model.config
@@ -390,7 +392,7 @@ def train(
             f"{len(train_set)} train / {len(data.val)} val images, {total} steps of "
             f"{c.batch_size}x{d.world_size}x{c.accum_steps} (global batch "
             f"{c.batch_size * d.world_size * c.accum_steps}), {steps_per_epoch} steps per epoch, "
-            f"{'bf16 autocast' if uses_bf16(c.amp, device) else 'fp32'} (--amp {c.amp})"
+            f"{'bf16 autocast' if bf16 else 'fp32'} (--amp {c.amp})"
         )
 
     def save() -> None:
@@ -447,7 +449,7 @@ def train(
                     net.no_sync() if d.world_size > 1 and not last_micro else contextlib.nullcontext()  # type: ignore[operator]
                 )
                 with sync:
-                    with _autocast(c, device):
+                    with _autocast(bf16, device):
                         logits = fwd(x)
                         loss = F.cross_entropy(logits.float(), target, label_smoothing=c.label_smoothing)
                     if _any_rank(not bool(torch.isfinite(loss)), d):  # every rank stops together

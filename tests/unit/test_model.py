@@ -292,7 +292,9 @@ def test_onednn_training_linear_gradients_match_f_linear(bias: bool, shape: Any,
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_linear_steps_aside_for_autocast_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onednn_linear_steps_aside_for_fp16_autocast_unsupported_bf16_and_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from vitlab import model as vm
 
     layer = vm.Linear(16, 8)
@@ -300,6 +302,10 @@ def test_onednn_linear_steps_aside_for_autocast_and_switch(monkeypatch: pytest.M
     with torch.autocast("cpu", dtype=torch.float16):  # autocast dtypes other than bf16: F.linear
         y16 = layer(x)
         assert y16.dtype == torch.float16 and "OneDNN" not in type(y16.grad_fn).__name__
+    with monkeypatch.context() as patched, torch.autocast("cpu", dtype=torch.bfloat16):
+        patched.setattr(vm, "_ONEDNN_BF16", False)  # a CPU oneDNN has no bf16 GEMM for: autocast's F.linear
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and "OneDNN" not in type(y.grad_fn).__name__
     monkeypatch.setattr(vm, "_ONEDNN", False)  # VITLAB_ONEDNN=0
     y = layer(x)
     assert "OneDNN" not in type(y.grad_fn).__name__
@@ -555,10 +561,24 @@ def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypa
     sdpa_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast: still explicit, in fp32
         model(images)
+        maps = model.attention_maps(images)
     assert not sdpa_calls
-    with torch.no_grad():  # bf16 weights: SDPA, which keeps its softmax in fp32
+    assert all(m.dtype == torch.float32 for m in maps)
+    seen: list[torch.dtype] = []
+
+    def recording(q: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(vm.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(vm, "EXPLICIT_ATTENTION_MAX_TOKENS", 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # longer sequences: SDPA, in fp32 too
+        model(images)
+    assert seen == [torch.float32] * tiny.num_layers
+    seen.clear()
+    with torch.no_grad():  # bf16 weights: SDPA in bf16 (it keeps its softmax in fp32)
         model.bfloat16()(images.bfloat16())
-    assert len(sdpa_calls) == tiny.num_layers
+    assert seen == [torch.bfloat16] * tiny.num_layers
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -592,8 +612,9 @@ def test_onednn_linear_under_bf16_autocast_matches_f_linear(bias: bool) -> None:
             assert got is not None and got.dtype == want.dtype == ref_dtype
             torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: no fused fp32 GELU call
-        block_mlp = vm.Mlp(ViTConfig(image_size=8, patch_size=4, hidden_dim=48, num_heads=2, mlp_dim=40))
-        assert block_mlp(base).dtype == torch.bfloat16
+        assert layer.fused_gelu(base) is None
+    with torch.no_grad():
+        assert layer.fused_gelu(base) is not None
 
 
 def test_hooked_fc1_or_act_is_called_as_a_module_in_inference() -> None:

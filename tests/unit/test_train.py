@@ -234,9 +234,13 @@ def test_amp_auto_means_bf16_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPat
 
     cpu = torch.device("cpu")
     assert vt.uses_bf16("bf16", cpu) and not vt.uses_bf16("none", cpu)
+    monkeypatch.setattr(vt, "onednn_bf16_enabled", lambda: True)
     for amx in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert vt.cpu_has_amx() is amx
         assert vt.uses_bf16("auto", cpu) is amx
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(vt, "onednn_bf16_enabled", lambda: False)  # AMX, but no oneDNN bf16 GEMM: fp32
+    assert vt.cpu_has_amx() and not vt.uses_bf16("auto", cpu)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the (private) probe: fp32
     assert not vt.cpu_has_amx() and not vt.uses_bf16("auto", cpu)
