@@ -444,6 +444,21 @@ def test_onednn_linear_supports_double_backward_and_torch_func() -> None:
         F.linear(x.detach()[i], layer.weight, layer.bias).square().sum().backward()
         torch.testing.assert_close(per_sample["weight"][i], layer.weight.grad)
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same under bf16 autocast, to bf16 rounding
+        ours = torch.autograd.grad(penalty(layer), layer.weight)[0]
+        reference = torch.autograd.grad(penalty(lambda t: F.linear(t, layer.weight, layer.bias)), layer.weight)[0]
+        per_sample = torch.func.vmap(
+            torch.func.grad(lambda p, xi: torch.func.functional_call(layer, p, (xi,)).float().square().sum()),
+            in_dims=(None, 0),
+        )(params, x.detach())
+        plain = torch.func.vmap(
+            torch.func.grad(lambda p, xi: F.linear(xi, p["weight"], p["bias"]).float().square().sum()),
+            in_dims=(None, 0),
+        )(params, x.detach())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(per_sample["weight"], plain["weight"], rtol=2e-2, atol=2e-2)
+
 
 def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real torch.compile (inductor, C++ codegen) around the custom operators: a ViT's loss and
