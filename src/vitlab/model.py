@@ -156,7 +156,7 @@ def _cpu_autocast(x: Tensor) -> bool:
 
 
 def _fp32_attention(cpu_autocast: bool) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off for the attention core when CPU autocast is on (its inputs are then cast to fp32)."""
+    """Autocast off for the attention core when CPU autocast is on (``Attention._qkv`` then gives fp32 inputs)."""
     return torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext()
 
 
@@ -306,6 +306,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, T, hd); unbind, not indexing: one gradient buffer, not three
+        if _cpu_autocast(x):  # attention itself runs in fp32 under CPU autocast (forward_explicit)
+            return q.float(), k.float(), v.float()
         return q, k, v
 
     def _merge(self, out: Tensor) -> Tensor:
@@ -322,8 +324,6 @@ class Attention(nn.Module):
             return self.forward_explicit(x, grid)[0]
         q, k, v = self._qkv(x)
         with _fp32_attention(cpu_autocast):
-            if cpu_autocast:
-                q, k, v = q.float(), k.float(), v.float()
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self._bias(grid, q.dtype), dropout_p=self.attn_drop if self.training else 0.0
             )
@@ -337,10 +337,7 @@ class Attention(nn.Module):
         instead, its CPU backward took 70% of the compiled training step of the fashion-mnist model (143 ms a
         step against 41 ms this way, docs/performance.md)."""
         q, k, v = self._qkv(x)
-        cpu_autocast = _cpu_autocast(x)
-        with _fp32_attention(cpu_autocast):
-            if cpu_autocast:
-                q, k, v = q.float(), k.float(), v.float()
+        with _fp32_attention(_cpu_autocast(x)):
             logits = (q * self.scale) @ k.transpose(-2, -1)
             bias = self._bias(grid, q.dtype)
             if bias is not None:
