@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from vitlab.augment import AugmentConfig
 
-Optimizer = Literal["adamw", "adam", "sgd"]
+Optimizer = Literal["adamw", "adam", "sgd", "muon"]
 Schedule = Literal["cosine", "linear", "constant"]
 Amp = Literal["auto", "bf16", "none"]
 
@@ -53,7 +53,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
+    momentum: float | None = None  # sgd's (None: 0.9) and muon's Nesterov momentum (None: 0.95, its authors')
     warmup_steps: int | None = None
     warmup_epochs: float = 1.0
     schedule: Schedule = "cosine"
@@ -80,12 +80,19 @@ class TrainConfig:
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
             (self.accum_steps > 0, f"accum_steps must be > 0, got {self.accum_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (
+                self.momentum is None or 0 <= self.momentum < 1,
+                f"momentum must be in [0, 1) or None, got {self.momentum}",
+            ),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
             (self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or None, got {self.clip_grad}"),
-            (self.optimizer in ("adamw", "adam", "sgd"), f"optimizer {self.optimizer!r} is not adamw, adam or sgd"),
+            (
+                self.optimizer in ("adamw", "adam", "sgd", "muon"),
+                f"optimizer {self.optimizer!r} is not adamw, adam, sgd or muon",
+            ),
             (
                 self.schedule in ("cosine", "linear", "constant"),
                 f"schedule {self.schedule!r} is not cosine/linear/constant",

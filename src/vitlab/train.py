@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,6 +41,7 @@ from vitlab.evaluate import evaluate_tensors
 from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
 from vitlab.malloc import keep_freed_memory
 from vitlab.model import ViT, create_model, onednn_bf16_enabled
+from vitlab.optim import MuonAdamW
 from vitlab.recipes import TrainConfig
 
 STATE_NAME = "training_state.pt"
@@ -99,12 +100,13 @@ def _device(d: Dist) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only: none on norms, biases, position embeddings, class token."""
+def param_groups(model: nn.Module, weight_decay: float, exclude: Set[int] = frozenset()) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: none on norms, biases, position embeddings, class token.
+    Parameters whose ``id`` is in ``exclude`` are left out (another group holds them)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         skip = p.ndim <= 1 or name.startswith(("pos_embed", "cls_token")) or "rel_pos" in name
         (no_decay if skip else decay).append(p)
@@ -115,10 +117,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, c.weight_decay)
     fused = device.type in ("cuda", "cpu")  # one multi-tensor kernel per step (on CPU too, since torch 2.4)
+    if c.optimizer == "muon":  # Muon on the encoder blocks' weight matrices, AdamW on the rest (vitlab.optim)
+        hidden = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and n.startswith("blocks.")]
+        ids = {id(p) for p in hidden}
+        rest = param_groups(model, c.weight_decay, exclude=ids)
+        muon = {"params": hidden, "weight_decay": c.weight_decay, "muon": True}
+        # Newton-Schulz in bf16 where the run trains in bf16 (fast GEMMs), else in fp32
+        ns_dtype = torch.bfloat16 if uses_bf16(c.amp, device) else torch.float32
+        return MuonAdamW(
+            [muon, *rest],
+            lr=c.lr,
+            betas=c.betas,
+            momentum=0.95 if c.momentum is None else c.momentum,
+            ns_dtype=ns_dtype,
+            fused=fused or None,
+        )
+    groups = param_groups(model, c.weight_decay)
     if c.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+        return torch.optim.SGD(groups, lr=c.lr, momentum=0.9 if c.momentum is None else c.momentum)
     if c.optimizer == "adam":  # L2 decay through the gradient (coupled); the paper's decoupled decay is adamw
         return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, fused=fused or None)
     return torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, fused=fused or None)

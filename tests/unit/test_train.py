@@ -244,3 +244,19 @@ def test_amp_auto_means_bf16_on_cpus_with_amx_only(monkeypatch: pytest.MonkeyPat
     assert vt.cpu_has_amx() and not vt.uses_bf16("auto", cpu)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the (private) probe: fp32
     assert not vt.cpu_has_amx() and not vt.uses_bf16("auto", cpu)
+
+
+def test_a_muon_run_saves_both_kinds_of_optimiser_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--optimizer muon: the blocks' matrices keep Muon momentum, everything else AdamW moments, and both are
+    in the training state that --resume reads."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    result = train(TINY.replace(optimizer="muon"), tmp_path / "muon", progress=False)
+    assert result.step == 3 and result.test is not None
+    saved = torch.load(tmp_path / "muon" / "training_state.pt", weights_only=False)["optimizer"]
+    kinds = [(g["muon"], len(g["params"])) for g in saved["param_groups"]]
+    assert kinds[0] == (True, 8)  # 2 blocks x (qkv, proj, fc1, fc2)
+    assert all(not muon for muon, _ in kinds[1:])
+    muon_ids = set(saved["param_groups"][0]["params"])
+    for pid, state in saved["state"].items():
+        assert set(state) == ({"momentum_buffer"} if pid in muon_ids else {"step", "exp_avg", "exp_avg_sq"})
+        assert int(state.get("step", 3)) == 3
