@@ -34,8 +34,9 @@ def orthogonalize(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16
     a, b, c = _NS_COEFFICIENTS
     tall = g.size(-2) > g.size(-1)
     x = (g.mT if tall else g).reshape(-1, *g.shape[-2:][:: -1 if tall else 1])  # (batch, rows <= cols)
-    x = x.to(dtype).contiguous()  # contiguous: strided bf16 products and sums are several times slower on CPU
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    # one contiguous copy in the working precision: strided bf16 products and sums are several times slower on CPU
+    x = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = torch.bmm(x, x.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
@@ -66,7 +67,9 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, weight_decay=0.0, muon=False)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, weight_decay=0.0, muon=False, fused=fused
+        )  # "fused" in each group: torch's load_state_dict then keeps AdamW's step counts on the parameters' device
         super().__init__(list(groups), defaults)
         for group in self.param_groups:
             if group["muon"]:
@@ -75,7 +78,6 @@ class MuonAdamW(torch.optim.Optimizer):
                     raise ValueError(f"Muon groups take 2D weight matrices only, got shapes {bad}")
         self.ns_steps = ns_steps
         self.ns_dtype = ns_dtype
-        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -122,7 +124,7 @@ class MuonAdamW(torch.optim.Optimizer):
             assert p.grad is not None  # step() passes only parameters with gradients
             state = self.state[p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else None)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else None)
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             grads.append(p.grad)
@@ -137,7 +139,7 @@ class MuonAdamW(torch.optim.Optimizer):
             exp_avg_sqs,
             [],
             steps,
-            fused=self.fused,
+            fused=group["fused"],
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
