@@ -94,10 +94,10 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         lr, mu, decay = group["lr"], group["momentum"], 1 - group["lr"] * group["weight_decay"]
         # same-shaped matrices go together: multi-tensor updates, one batched product per Newton-Schulz step
-        by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
+        by_shape: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
         for p in params:
-            by_shape[p.shape].append(p)
-        for shape, ps in by_shape.items():
+            by_shape[p.shape, p.dtype, p.device].append(p)
+        for (shape, _, _), ps in by_shape.items():
             grads = [p.grad for p in ps if p.grad is not None]  # step() passes only parameters with gradients
             bufs = [self._momentum_buffer(p) for p in ps]
             torch._foreach_lerp_(bufs, grads, 1 - mu)  # buf = mu * buf + (1 - mu) * grad

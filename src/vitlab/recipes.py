@@ -188,7 +188,7 @@ def fashion_mnist() -> TrainConfig:
     """The best from-scratch Fashion-MNIST recipe measured here for a 10-minute budget on two CPU cores
     (docs/results.md): the demo's width and depth on 4x4 patches (49 + 1 tokens), Muon on the encoder's weight
     matrices (AdamW on the rest, the same learning rate), three quarters of each image's patches dropped at
-    random in training (patch dropout 0.75: ~3.7x the images per second of all 49) for 18 epochs, then the last
+    random in training (patch dropout 0.75: ~3x the images per second of all 49) for 18 epochs, then the last
     one on every patch (the token count evaluation sees), flips, no crops, validation every other epoch."""
     return _demo_on_4x4_patches(
         "fashion-mnist",
@@ -197,7 +197,7 @@ def fashion_mnist() -> TrainConfig:
         epochs=19,
         warmup_epochs=1,
         full_patch_epochs=1,
-        eval_every=2,  # a validation pass costs ~4 s here, ~0.8% of the budget each
+        eval_every=2,  # a validation pass costs ~4 s here (~0.7% of the budget each)
     )
 
 

@@ -118,8 +118,17 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: Set[int] = froz
 
 def build_optimizer(model: nn.Module, c: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type in ("cuda", "cpu")  # one multi-tensor kernel per step (on CPU too, since torch 2.4)
-    if c.optimizer == "muon":  # Muon on the encoder blocks' weight matrices, AdamW on the rest (vitlab.optim)
-        hidden = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and n.startswith("blocks.")]
+    if c.optimizer == "muon":  # Muon on the encoder blocks' linear weights, AdamW on the rest (vitlab.optim)
+        hidden = [
+            m.weight
+            for n, m in model.named_modules()
+            if n.startswith("blocks.") and isinstance(m, nn.Linear) and m.weight.requires_grad
+        ]  # not other 2D parameters of a block (a relative-position bias is no linear map)
+        if not hidden:
+            raise ValueError(
+                f"optimizer muon trains the linear layers of a ViT's encoder blocks; {type(model).__name__} has "
+                "none (trainable): use adamw"
+            )
         ids = {id(p) for p in hidden}
         rest = param_groups(model, c.weight_decay, exclude=ids)
         muon = {"params": hidden, "weight_decay": c.weight_decay, "muon": True}

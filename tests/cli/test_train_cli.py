@@ -82,10 +82,10 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen[str], timeout: f
     raise AssertionError("training did not reach the step in time")
 
 
-@pytest.mark.parametrize("how", ["sigterm", "kill9"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(("how", "optimizer"), [("sigterm", "adamw"), ("kill9", "adamw"), ("sigterm", "muon")])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, how: str, optimizer: str) -> None:
     args = [*TINY, "--max-steps", "14", "--checkpoint-every", "1", "--set", "augment.random_erasing=0.5",
-            "--set", "model.drop_path=0.1"]  # fmt: skip
+            "--set", "model.drop_path=0.1", "--optimizer", optimizer]  # fmt: skip
     full = tmp_path / "full"
     assert run("train", *args, "--out", str(full)).returncode == 0
 

@@ -144,5 +144,18 @@ def test_train_builds_muon_for_the_blocks_matrices_only() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\) or None, got 1.0"):
         TrainConfig(optimizer="muon", momentum=1.0)
+    # relative position biases are 2D parameters of a block but no linear map: AdamW, undecayed
+    rel = create_model(
+        "Ti/7", image_size=28, in_channels=1, num_classes=10, hidden_dim=32, num_layers=1, num_heads=2, mlp_dim=64,
+        pos_embed="relative", pool="token",
+    )  # fmt: skip
+    rel_names = {id(p): n for n, p in rel.named_parameters()}
+    groups = build_optimizer(rel, c, torch.device("cpu")).param_groups
+    assert "blocks.0.attn.rel_pos_cls" in [rel_names[id(p)] for p in groups[2]["params"]]
+    assert groups[2]["weight_decay"] == 0.0 and not groups[2]["muon"] and len(groups[0]["params"]) == 4
+    with pytest.raises(
+        ValueError, match="optimizer muon trains the linear layers of a ViT's encoder blocks; Sequential"
+    ):
+        build_optimizer(torch.nn.Sequential(torch.nn.Linear(4, 4)), c, torch.device("cpu"))
     with pytest.raises(ValueError, match="is not adamw, adam, sgd or muon"):
         TrainConfig(optimizer="lion")  # type: ignore[arg-type]
