@@ -29,17 +29,33 @@ from vitlab import pos_embed as pe
 from vitlab.config import Preprocessing, ViTConfig
 
 
-def _onednn_usable() -> bool:
-    return torch.backends.mkldnn.is_available() and os.environ.get("VITLAB_ONEDNN", "1") != "0"
+def _onednn_default(setting: str | None, capability: str, available: bool) -> bool:
+    """Whether linear layers call oneDNN: ``VITLAB_ONEDNN=1`` / ``0`` force it on / off; unset (or ``auto``),
+    only on CPUs with AVX-512 (AMX included). There oneDNN's fp32 GEMM measured ~2x MKL's and the compiled
+    training step ~1.4x faster; on an AVX2-only AMD EPYC the compiled training step of the demo model measured
+    884 images/s with ``F.linear`` against 614 with oneDNN, and inference the same either way
+    (docs/performance.md, "AVX2 CPUs")."""
+    if not available:
+        return False
+    if setting is None or setting.strip().lower() in ("", "auto"):
+        return capability == "AVX512"
+    if setting.strip() in ("0", "1"):
+        return setting.strip() == "1"
+    raise ValueError(f"VITLAB_ONEDNN={setting!r}: use 1 (on), 0 (off) or auto (on with AVX-512 only)")
 
 
-_ONEDNN = _onednn_usable()
+_ONEDNN = _onednn_default(
+    os.environ.get("VITLAB_ONEDNN"),
+    torch.backends.cpu.get_cpu_capability(),
+    torch.backends.mkldnn.is_available(),
+)
 # oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 autocast keeps F.linear
 _ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def onednn_enabled() -> bool:
-    """Whether vitlab's linear layers call oneDNN on CPU (mkldnn built in and ``VITLAB_ONEDNN`` not ``0``)."""
+    """Whether vitlab's linear layers call oneDNN on CPU: mkldnn built in, and ``VITLAB_ONEDNN=1``, or unset on a
+    CPU with AVX-512."""
     return _ONEDNN
 
 
@@ -172,11 +188,12 @@ def _functorch_wrapped(*tensors: Tensor) -> bool:
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose GEMMs run on oneDNN on CPU, in inference and
-    training, eager or under ``torch.compile``: on this project's AMD CPU oneDNN's fp32 GEMM measured ~2x the
-    rate of the MKL GEMM that ``F.linear`` uses (see docs/performance.md). Under CPU bf16 autocast the GEMMs run
+    training, eager or under ``torch.compile``, on CPUs with AVX-512 (``onednn_enabled()``): on the AVX-512 AMD
+    CPU of sessions 2-9 oneDNN's fp32 GEMM measured ~2x the rate of the MKL GEMM that ``F.linear`` uses (see
+    docs/performance.md). Under CPU bf16 autocast the GEMMs run
     on oneDNN in bf16 (AMX where the CPU has it). While tracing or exporting (ONNX, ``torch.export``), inside
-    ``torch.func`` transforms, under other autocast dtypes, on other devices or dtypes, or with
-    ``VITLAB_ONEDNN=0`` it computes exactly what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients
+    ``torch.func`` transforms, under other autocast dtypes, on other devices or dtypes, on CPUs without AVX-512,
+    or with ``VITLAB_ONEDNN=0`` it computes exactly what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients
     agree with ``F.linear`` to float32 rounding, and under bf16 autocast to bf16 rounding (tested)."""
 
     def _gemm_dtype(self, x: Tensor) -> torch.dtype | None:

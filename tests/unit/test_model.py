@@ -16,6 +16,50 @@ from vitlab.model import DropPath, ViT
 KINDS = [(p, q) for p in POS_EMBED_CHOICES for q in POOL_CHOICES]
 
 
+# oneDNN's bf16 GEMM exists only on CPUs with AVX-512 BF16 or AMX; elsewhere bf16 autocast keeps F.linear (tested
+# in test_onednn_linear_steps_aside_for_fp16_autocast_unsupported_bf16_and_switch by switching it off)
+needs_onednn_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 GEMM (AVX-512 BF16 / AMX)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _onednn_path_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This module's tests run the oneDNN path wherever torch has it, not only on the AVX-512 CPUs that take it by
+    default: an AVX2 machine still checks its results (a test that switches it off does so after this)."""
+    from vitlab import model as vm
+
+    monkeypatch.setattr(vm, "_ONEDNN", torch.backends.mkldnn.is_available())
+
+
+@pytest.mark.parametrize(
+    ("setting", "capability", "available", "expected"),
+    [
+        (None, "AVX512", True, True),
+        (None, "AVX2", True, False),
+        ("auto", "AVX512", True, True),
+        ("", "AVX2", True, False),
+        ("1", "AVX2", True, True),
+        ("0", "AVX512", True, False),
+        ("1", "AVX512", False, False),  # no mkldnn in this torch: nothing to turn on
+        (None, "DEFAULT", True, False),
+    ],
+)
+def test_onednn_default_follows_the_cpu_and_vitlab_onednn(
+    setting: str | None, capability: str, available: bool, expected: bool
+) -> None:
+    from vitlab.model import _onednn_default
+
+    assert _onednn_default(setting, capability, available) is expected
+
+
+def test_onednn_default_refuses_an_unknown_setting() -> None:
+    from vitlab.model import _onednn_default
+
+    with pytest.raises(ValueError, match=r"VITLAB_ONEDNN='yes'.*1 \(on\), 0 \(off\) or auto"):
+        _onednn_default("yes", "AVX512", True)
+
+
 def test_patch_projection_equals_reshape_then_linear(tiny: ViTConfig) -> None:
     """Steps 1-2: the strided conv is x_p E with x_p the flattened P x P x C patches."""
     model = vitlab.create_model(tiny.replace(image_size=(32, 48), in_channels=3))
@@ -481,6 +525,7 @@ def test_onednn_training_under_inductor_matches_eager(monkeypatch: pytest.Monkey
     _assert_matches_plain_linear(model, loss, compiled, monkeypatch, loss_atol=1e-5)
 
 
+@needs_onednn_bf16
 def test_bf16_autocast_training_under_inductor_matches_plain_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU bf16 autocast, compiled by inductor: every GEMM runs on oneDNN in bf16, and the loss and fp32
     gradients agree, to bf16 rounding, with the eager autocast step of plain nn.Linear (oneDNN off)."""
@@ -596,6 +641,7 @@ def test_short_sequences_on_cpu_use_explicit_attention(tiny: ViTConfig, monkeypa
     assert seen == [torch.bfloat16] * tiny.num_layers
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_under_bf16_autocast_matches_f_linear(bias: bool) -> None:
     """Under CPU bf16 autocast Linear runs oneDNN's bf16 GEMM: the same bf16 output as autocast's F.linear,
