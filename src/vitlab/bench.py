@@ -239,6 +239,15 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+# bf16 products without a native bf16 GEMM (AVX2 CPUs) are emulated at ~1 GFLOP/s: time them on small matrices
+_EMULATED_BF16_MAX_SIZE = 512
+
+
+def _cpu_has_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 / AMX, as oneDNN reports it)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def matmul_rates(
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
     *,
@@ -249,19 +258,25 @@ def matmul_rates(
     """GFLOP/s of ``torch.mm`` on two size x size matrices per dtype, best and median over ``repeats``
     timings; on CPU also of oneDNN's fp32 GEMM (``float32_onednn``: the kernel vitlab's linear layers call),
     which on some CPUs is far faster than torch.mm's. The kernels take turns, so that load from other jobs
-    hits them alike."""
+    hits them alike. On a CPU without a native bf16 GEMM (AVX2 only: ~1 GFLOP/s, 20 s per 2048^2 product)
+    bf16 is timed on at most 512 x 512 matrices; each entry records its ``size``."""
     dev = torch.device(device)
     sync = _sync(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     a32 = torch.randn(size, size, generator=g, device=dev)
     b32 = torch.randn(size, size, generator=g, device=dev)
     kernels: dict[str, Callable[[], object]] = {}
+    sizes: dict[str, int] = {}
     for dtype in dtypes:
-        a, b = a32.to(dtype), b32.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        n = size
+        if dev.type == "cpu" and dtype == torch.bfloat16 and not _cpu_has_bf16_gemm():
+            n = min(size, _EMULATED_BF16_MAX_SIZE)
+        a, b = a32[:n, :n].to(dtype), b32[:n, :n].to(dtype)
         out = torch.mm(a, b)  # the output buffer
-        kernels[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b, out=out)
+        kernels[name], sizes[name] = functools.partial(torch.mm, a, b, out=out), n
     if dev.type == "cpu" and onednn_enabled():  # linear(a, b) = a @ b.T: the same FLOPs
-        kernels["float32_onednn"] = functools.partial(onednn_linear, a32, b32, None)
+        kernels["float32_onednn"], sizes["float32_onednn"] = functools.partial(onednn_linear, a32, b32, None), size
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for fn in kernels.values():
         fn()  # warm-up
@@ -272,13 +287,12 @@ def matmul_rates(
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    flops = 2 * size**3
     return {
         name: {
-            "size": size,
+            "size": sizes[name],
             "repeats": repeats,
-            "gflops_best": flops / min(t) / 1e9,
-            "gflops_median": flops / statistics.median(t) / 1e9,
+            "gflops_best": 2 * sizes[name] ** 3 / min(t) / 1e9,
+            "gflops_median": 2 * sizes[name] ** 3 / statistics.median(t) / 1e9,
         }
         for name, t in times.items()
     }
@@ -653,7 +667,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"torch {result['torch_version']}, {result['threads']} threads, {result['machine'].get('cpu_model')}; "
         f"matmul fp32 torch.mm {m['float32']['gflops_best']:.1f} GFLOP/s"
         + (f", oneDNN {m['float32_onednn']['gflops_best']:.1f}" if "float32_onednn" in m else "")
-        + f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s; peak = {fp32_peak_gflops(m):.1f}"
+        + (f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s" if "bfloat16" in m else "")
+        + f"; peak = {fp32_peak_gflops(m):.1f}"
     )
     header = (
         f"{'library':<20}{'batch':>6}{'images/s':>11}{'ms/call':>10}{'% peak':>8}  {'vs best peer':<20}{'mem MB':>7}"

@@ -220,3 +220,21 @@ def test_fp32_peak_needs_an_fp32_rate() -> None:
     assert fp32_peak_gflops({"float32": rate, "float32_onednn": {**rate, "gflops_best": 5.0}}) == 5.0
     with pytest.raises(ValueError, match="no fp32 matmul rate among \\['bfloat16'\\]"):
         fp32_peak_gflops({"bfloat16": rate})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_matmul_rates_time_emulated_bf16_on_small_matrices(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitlab.bench as vb
+
+    monkeypatch.setattr(vb, "_cpu_has_bf16_gemm", lambda: native)
+    monkeypatch.setattr(vb, "_EMULATED_BF16_MAX_SIZE", 16)
+    rates = vb.matmul_rates(size=48, repeats=2)
+    assert rates["float32"]["size"] == 48
+    assert rates["bfloat16"]["size"] == (48 if native else 16)
+    for rate in rates.values():
+        assert rate["repeats"] == 2 and rate["gflops_best"] >= rate["gflops_median"] > 0
+    doc = {"matmul": rates, "torch_version": "x", "threads": 1, "machine": {}, "results": [], "skipped": []}
+    doc["load_average_1min"] = {"start": None, "end": None}
+    assert "; bf16 " in vb.format_table(doc).splitlines()[0]
+    del rates["bfloat16"]  # a run asked for fp32 only: no bf16 rate to print
+    assert "bf16" not in vb.format_table(doc)
