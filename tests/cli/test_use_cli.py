@@ -39,6 +39,23 @@ def test_evaluate_json_on_fashion_mnist(grey_model: Path, tmp_path: Path) -> Non
     assert sum(map(sum, saved["confusion"])) == 300
 
 
+def test_evaluate_with_flip_tta_reports_it_and_matches_the_library(grey_model: Path) -> None:
+    from vitlab.evaluate import accuracy_metrics, predict_logits
+
+    r = run("evaluate", str(grey_model), "--data", "fashion-mnist", "--limit", "200", "--tta", "hflip", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["tta"] == "hflip" and result["n"] == 200
+    model = vitlab.from_pretrained(grey_model)
+    test = load_data("fashion-mnist", limit=200).test
+    assert test is not None
+    logits = predict_logits(model, test.images, model.preprocessing.mean, model.preprocessing.std, tta="hflip")
+    want = accuracy_metrics(logits, test.labels)
+    assert result["top1"] == pytest.approx(want["top1"]) and result["top5"] == pytest.approx(want["top5"])
+    bad = run("evaluate", str(grey_model), "--data", "fashion-mnist", "--tta", "vflip")
+    assert bad.returncode == 2 and "--tta: invalid choice: 'vflip'" in bad.stderr
+
+
 def test_evaluate_on_an_image_folder_maps_classes_by_name(grey_model: Path, tmp_path: Path) -> None:
     data = load_data("fashion-mnist", limit=40)
     assert data.test is not None

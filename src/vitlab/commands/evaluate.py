@@ -17,6 +17,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: the run's, else 0")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="as training's --limit (default: the run's, else all)")
+    p.add_argument(
+        "--tta",
+        choices=["none", "hflip"],
+        default="none",
+        help="test-time augmentation: hflip averages the probabilities of each image and its mirror",
+    )
     p.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
     p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
     p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
@@ -74,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     if split is None or len(split) == 0:
         raise ValueError(f"{args.data} has no {args.split} split")
     mapping = torch.tensor(class_mapping(model.class_names, split.class_names, model.config.num_classes))
-    logits = predict_logits(model, split.images, pre.mean, pre.std, args.batch_size)
+    logits = predict_logits(model, split.images, pre.mean, pre.std, args.batch_size, tta=args.tta)
     logits = logits[:, mapping]  # restrict to the dataset's classes, in its order
     m = accuracy_metrics(logits, split.labels)
     result: dict[str, Any] = {
         "source": str(args.source),
         "data": args.data,
         "split": args.split,
+        "tta": args.tta,
         "n": m["n"],
         "top1": m["top1"],
         "top5": m["top5"],
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.data} {args.split}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
+        tta = "" if args.tta == "none" else f" (tta: {args.tta})"
+        print(f"{args.data} {args.split}{tta}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
         for name, acc in result["per_class"].items():
             print(f"  {name:<20} {acc:.4f}")
     return 0
