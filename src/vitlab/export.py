@@ -14,10 +14,11 @@ with a float mask fails; it is kept as an option for when the TorchScript export
 
 Every export is checked against torch with onnxruntime on random inputs at two batch sizes; a file that
 disagrees by more than ``atol`` is never written. ``int8=True`` adds onnxruntime's *dynamic* quantisation:
-int8 weights (per output channel, in 7 bits so that CPUs without VNNI do not saturate) for every MatMul / Gemm, activations quantised per batch at run time. Dynamic
-rather than static because export takes a checkpoint and no data, so there is nothing to calibrate on; because
-in a ViT nearly all FLOPs are in those matrix products; and because static per-tensor activation scales suffer
-from the large outliers of transformer activations, which per-batch scales follow.
+int8 weights (per output channel, in 7 bits so that CPUs without VNNI do not saturate) for every MatMul / Gemm,
+activations quantised per batch at run time. Dynamic rather than static because export takes a checkpoint and no
+data, so there is nothing to calibrate on; because in a ViT nearly all FLOPs are in those matrix products; and
+because static per-tensor activation scales suffer from the large outliers of transformer activations, which
+per-batch scales follow.
 """
 
 from __future__ import annotations
