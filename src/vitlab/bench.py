@@ -668,6 +668,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"matmul fp32 torch.mm {m['float32']['gflops_best']:.1f} GFLOP/s"
         + (f", oneDNN {m['float32_onednn']['gflops_best']:.1f}" if "float32_onednn" in m else "")
         + (f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s" if "bfloat16" in m else "")
+        + (
+            f" (at {m['bfloat16']['size']}^2)"
+            if m.get("bfloat16", m["float32"])["size"] != m["float32"]["size"]
+            else ""
+        )
         + f"; peak = {fp32_peak_gflops(m):.1f}"
     )
     header = (

@@ -7,6 +7,7 @@ sees both as the same class. Numbers with TTA are reported as such, never in pla
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -48,10 +49,9 @@ def predict_logits(
         for i in range(0, len(images), batch_size):
             x = normalize(images[i : i + batch_size].to(device), mean, std)
             logits = model(x).float()
-            if tta == "hflip":
+            if tta == "hflip":  # log((p + q) / 2) in log space: finite where both probabilities underflow
                 mirrored = model(x.flip(-1)).float()
-                probs = (logits.softmax(-1) + mirrored.softmax(-1)) / 2
-                logits = probs.log()
+                logits = torch.logaddexp(logits.log_softmax(-1), mirrored.log_softmax(-1)) - math.log(2)
             outs.append(logits.cpu())
     finally:
         model.train(was_training)

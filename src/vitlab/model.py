@@ -35,13 +35,17 @@ def _onednn_default(setting: str | None, capability: str, available: bool) -> bo
     training step ~1.4x faster; on an AVX2-only AMD EPYC the compiled training step of the demo model measured
     884 images/s with ``F.linear`` against 614 with oneDNN, and inference the same either way
     (docs/performance.md, "AVX2 CPUs")."""
-    if not available:
-        return False
-    if setting is None or setting.strip().lower() in ("", "auto"):
-        return capability == "AVX512"
-    if setting.strip() in ("0", "1"):
-        return setting.strip() == "1"
-    raise ValueError(f"VITLAB_ONEDNN={setting!r}: use 1 (on), 0 (off) or auto (on with AVX-512 only)")
+    value = "auto" if setting is None else setting.strip().lower()
+    if value in ("", "auto"):
+        wanted = capability == "AVX512"  # x86 only: aarch64 (SVE, DEFAULT) keeps F.linear too
+    elif value in _ON or value in _OFF:
+        wanted = value in _ON
+    else:
+        raise ValueError(f"VITLAB_ONEDNN={setting!r}: use 1 (on), 0 (off) or auto (on with AVX-512 only)")
+    return available and wanted
+
+
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 
 
 _ONEDNN = _onednn_default(

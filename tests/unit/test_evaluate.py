@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -43,3 +45,18 @@ def test_unknown_tta_is_refused(tiny: ViTConfig) -> None:
     images = torch.zeros(2, 1, *tiny.image_size, dtype=torch.uint8)
     with pytest.raises(ValueError, match="tta 'vflip' is not one of \\['none', 'hflip'\\]"):
         predict_logits(model, images, (0.5,), (0.5,), tta="vflip")  # type: ignore[arg-type]
+
+
+def test_hflip_tta_stays_finite_where_both_views_underflow() -> None:
+    class Confident(torch.nn.Module):  # logit gaps far beyond fp32 softmax's range, different in each view
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            side = x[:, 0, 0, :1].sign()  # +1 or -1, swapped by the mirror
+            return torch.cat([side * 300, -side * 300, torch.full_like(side, -500)], dim=1)
+
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    images[0, 0, :, 0] = 255  # bright left column: class 0 in this view, class 1 in the mirror
+    images[1, 0, :, 1] = 255
+    got = predict_logits(Confident(), images, (0.5,), (0.5,), tta="hflip")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[:, :2], torch.full((2, 2), -math.log(2)))  # half the mass on each of 0 and 1
+    assert got[0, 2] < -700  # the class neither view believes: ~-800, not -inf

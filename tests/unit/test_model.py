@@ -16,10 +16,12 @@ from vitlab.model import DropPath, ViT
 KINDS = [(p, q) for p in POS_EMBED_CHOICES for q in POOL_CHOICES]
 
 
-# oneDNN's bf16 GEMM exists only on CPUs with AVX-512 BF16 or AMX; elsewhere bf16 autocast keeps F.linear (tested
+# oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 autocast keeps F.linear (tested
 # in test_onednn_linear_steps_aside_for_fp16_autocast_unsupported_bf16_and_switch by switching it off)
+ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_BF16 = ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 needs_onednn_bf16 = pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 GEMM (AVX-512 BF16 / AMX)"
+    not ONEDNN_BF16, reason="this CPU has no oneDNN bf16 GEMM (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
 )
 
 
@@ -29,7 +31,8 @@ def _onednn_path_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     default: an AVX2 machine still checks its results (a test that switches it off does so after this)."""
     from vitlab import model as vm
 
-    monkeypatch.setattr(vm, "_ONEDNN", torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(vm, "_ONEDNN", ONEDNN)
+    monkeypatch.setattr(vm, "_ONEDNN_BF16", ONEDNN_BF16)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,9 @@ def _onednn_path_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         ("0", "AVX512", True, False),
         ("1", "AVX512", False, False),  # no mkldnn in this torch: nothing to turn on
         (None, "DEFAULT", True, False),
+        (None, "SVE256", True, False),
+        (" On ", "AVX2", True, True),
+        ("false", "AVX512", True, False),
     ],
 )
 def test_onednn_default_follows_the_cpu_and_vitlab_onednn(
@@ -56,8 +62,9 @@ def test_onednn_default_follows_the_cpu_and_vitlab_onednn(
 def test_onednn_default_refuses_an_unknown_setting() -> None:
     from vitlab.model import _onednn_default
 
-    with pytest.raises(ValueError, match=r"VITLAB_ONEDNN='yes'.*1 \(on\), 0 \(off\) or auto"):
-        _onednn_default("yes", "AVX512", True)
+    for available in (True, False):  # refused even where there is no oneDNN to switch
+        with pytest.raises(ValueError, match=r"VITLAB_ONEDNN='fast'.*1 \(on\), 0 \(off\) or auto"):
+            _onednn_default("fast", "AVX512", available)
 
 
 def test_patch_projection_equals_reshape_then_linear(tiny: ViTConfig) -> None:
