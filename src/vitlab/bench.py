@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from vitlab import malloc
 from vitlab.config import ViTConfig
-from vitlab.model import ViT, flops_per_image, onednn_enabled, onednn_linear
+from vitlab.model import CPU_HAS_ONEDNN_BF16, ViT, flops_per_image, onednn_enabled, onednn_linear
 
 LIBRARIES: tuple[str, ...] = ("vitlab", "timm", "hf", "torchvision")
 PEERS: tuple[str, ...] = LIBRARIES[1:]
@@ -244,8 +244,8 @@ _EMULATED_BF16_MAX_SIZE = 512
 
 
 def _cpu_has_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 / AMX, as oneDNN reports it)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU multiplies bf16 matrices natively (as oneDNN reports it; monkeypatched in tests)."""
+    return CPU_HAS_ONEDNN_BF16
 
 
 def matmul_rates(
@@ -659,6 +659,15 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- reporting
+def _bf16_rate_text(m: dict[str, Any]) -> str:
+    """The bf16 matmul rate for the table's first line, with its matrix size when smaller than fp32's."""
+    if "bfloat16" not in m:
+        return ""
+    bf16 = m["bfloat16"]
+    size = f" (at {bf16['size']}^2)" if bf16["size"] != m["float32"]["size"] else ""
+    return f"; bf16 {bf16['gflops_best']:.1f} GFLOP/s{size}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The results as a plain-text table, one block per model and mode."""
     lines = []
@@ -667,12 +676,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"torch {result['torch_version']}, {result['threads']} threads, {result['machine'].get('cpu_model')}; "
         f"matmul fp32 torch.mm {m['float32']['gflops_best']:.1f} GFLOP/s"
         + (f", oneDNN {m['float32_onednn']['gflops_best']:.1f}" if "float32_onednn" in m else "")
-        + (f"; bf16 {m['bfloat16']['gflops_best']:.1f} GFLOP/s" if "bfloat16" in m else "")
-        + (
-            f" (at {m['bfloat16']['size']}^2)"
-            if m.get("bfloat16", m["float32"])["size"] != m["float32"]["size"]
-            else ""
-        )
+        + _bf16_rate_text(m)
         + f"; peak = {fp32_peak_gflops(m):.1f}"
     )
     header = (

@@ -28,13 +28,15 @@ from torch.utils.checkpoint import checkpoint
 from vitlab import pos_embed as pe
 from vitlab.config import Preprocessing, ViTConfig
 
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")  # VITLAB_ONEDNN's spellings
+
 
 def _onednn_default(setting: str | None, capability: str, available: bool) -> bool:
     """Whether linear layers call oneDNN: ``VITLAB_ONEDNN=1`` / ``0`` force it on / off; unset (or ``auto``),
     only on CPUs with AVX-512 (AMX included). There oneDNN's fp32 GEMM measured ~2x MKL's and the compiled
     training step ~1.4x faster; on an AVX2-only AMD EPYC the compiled training step of the demo model measured
     884 images/s with ``F.linear`` against 614 with oneDNN, and inference the same either way
-    (docs/performance.md, "AVX2 CPUs")."""
+    (docs/performance.md, "Which GEMM the linear layers use")."""
     value = "auto" if setting is None else setting.strip().lower()
     if value in ("", "auto"):
         wanted = capability == "AVX512"  # x86 only: aarch64 (SVE, DEFAULT) keeps F.linear too
@@ -45,16 +47,15 @@ def _onednn_default(setting: str | None, capability: str, available: bool) -> bo
     return available and wanted
 
 
-_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
-
-
 _ONEDNN = _onednn_default(
     os.environ.get("VITLAB_ONEDNN"),
     torch.backends.cpu.get_cpu_capability(),
     torch.backends.mkldnn.is_available(),
 )
-# oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 autocast keeps F.linear
-_ONEDNN_BF16 = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: whether this CPU has one, and whether the linear
+# layers use it (elsewhere bf16 autocast keeps F.linear)
+CPU_HAS_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_ONEDNN_BF16 = _ONEDNN and CPU_HAS_ONEDNN_BF16
 
 
 def onednn_enabled() -> bool:
@@ -194,11 +195,11 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) whose GEMMs run on oneDNN on CPU, in inference and
     training, eager or under ``torch.compile``, on CPUs with AVX-512 (``onednn_enabled()``): on the AVX-512 AMD
     CPU of sessions 2-9 oneDNN's fp32 GEMM measured ~2x the rate of the MKL GEMM that ``F.linear`` uses (see
-    docs/performance.md). Under CPU bf16 autocast the GEMMs run
-    on oneDNN in bf16 (AMX where the CPU has it). While tracing or exporting (ONNX, ``torch.export``), inside
-    ``torch.func`` transforms, under other autocast dtypes, on other devices or dtypes, on CPUs without AVX-512,
-    or with ``VITLAB_ONEDNN=0`` it computes exactly what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients
-    agree with ``F.linear`` to float32 rounding, and under bf16 autocast to bf16 rounding (tested)."""
+    docs/performance.md). Under CPU bf16 autocast the GEMMs run on oneDNN in bf16 (AMX where the CPU has it).
+    While tracing or exporting (ONNX, ``torch.export``), inside ``torch.func`` transforms, under other autocast
+    dtypes, on other devices or dtypes, on CPUs without AVX-512, or with ``VITLAB_ONEDNN=0`` it computes exactly
+    what ``nn.Linear`` does, with ``F.linear``. Outputs and gradients agree with ``F.linear`` to float32 rounding,
+    and under bf16 autocast to bf16 rounding (tested)."""
 
     def _gemm_dtype(self, x: Tensor) -> torch.dtype | None:
         """The dtype of the oneDNN GEMM this call runs, or None for ``F.linear``: float32, or bfloat16 under CPU

@@ -11,7 +11,7 @@ from torch import Tensor
 import vitlab
 from vitlab import ViTConfig
 from vitlab.config import POOL_CHOICES, POS_EMBED_CHOICES
-from vitlab.model import DropPath, ViT
+from vitlab.model import CPU_HAS_ONEDNN_BF16, DropPath, ViT
 
 KINDS = [(p, q) for p in POS_EMBED_CHOICES for q in POOL_CHOICES]
 
@@ -19,7 +19,7 @@ KINDS = [(p, q) for p in POS_EMBED_CHOICES for q in POOL_CHOICES]
 # oneDNN's bf16 GEMM needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 autocast keeps F.linear (tested
 # in test_onednn_linear_steps_aside_for_fp16_autocast_unsupported_bf16_and_switch by switching it off)
 ONEDNN = torch.backends.mkldnn.is_available()
-ONEDNN_BF16 = ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+ONEDNN_BF16 = CPU_HAS_ONEDNN_BF16
 needs_onednn_bf16 = pytest.mark.skipif(
     not ONEDNN_BF16, reason="this CPU has no oneDNN bf16 GEMM (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
 )
