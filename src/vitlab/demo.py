@@ -72,10 +72,12 @@ def run_demo(out: Path, recipe: str = "fashion-mnist-demo", progress: bool = Tru
             ("test top-5", f"{100 * m['top5']:.2f}%"),
             ("best validation top-1", f"{100 * (result.best_val_top1 or float('nan')):.2f}%"),
             ("test images", f"{m['n']}"),
-            ("training time", f"{result.train_seconds:.0f} s, {result.step} steps ({wall:.0f} s with evaluation)"),
+            ("training time", f"{result.train_seconds:.0f} s, {result.step} steps ({wall:.0f} s with evaluation)"
+                              + (f"; time budget {config.time_budget:g} s" if config.time_budget else "")),
             ("model", f"ViT patch {c.patch_size}, width {c.hidden_dim}, depth {c.num_layers}, "
                       f"{c.num_heads} heads, {sum(p.numel() for p in model.parameters()):,} parameters"),
-            ("machine", f"{torch.get_num_threads()} threads, torch {torch.__version__}"),
+            ("machine", f"{torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()}), "
+                        f"torch {torch.__version__}"),
         ]
     )  # fmt: skip
     per_class = "\n".join(f"| {n} | {100 * a:.1f}% |" for n, a in zip(names, m["per_class"], strict=True))

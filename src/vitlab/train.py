@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab.augment import BatchAugment
+from vitlab.budget import Costs, Schedule, fit, full_patch_cost_ratio
 from vitlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_model
 from vitlab.config import Preprocessing
 from vitlab.datasets import batches, load_data, normalize_stats
@@ -385,7 +387,10 @@ def train(
         )
         full_patch = 0
 
+    cap = Schedule(total, full_patch)  # what the epochs give; a time budget may shorten it (vitlab.budget)
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
+    seconds_before, fitted, stopped_by_budget = 0.0, False, False  # training seconds of earlier sessions
+    last_checkpoint, last_validation = 0.0, 0.0  # seconds the latest of each took, for the time budget
     if resume:
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
         if state["world_size"] != d.world_size:
@@ -395,6 +400,9 @@ def train(
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
         step, epoch, micro_pos, best_val = state["step"], state["epoch"], state["micro_pos"], state["best_val"]
+        seconds_before = state.get("train_seconds", 0.0)
+        if c.time_budget and state.get("budget_fitted"):  # the schedule fitted in an earlier session
+            total, full_patch, fitted = state["total"], state["full_patch"], True
         _restore_rng(state["rng"][d.rank], device)
         log(f"resumed at step {step} (epoch {epoch}, batch {micro_pos})")
 
@@ -422,6 +430,8 @@ def train(
         )
 
     def save() -> None:
+        nonlocal last_checkpoint
+        t0 = time.perf_counter()
         rngs = _gather_rng(d, device)
         if not d.main:
             return
@@ -432,6 +442,10 @@ def train(
             "micro_pos": micro_pos,
             "best_val": best_val,
             "world_size": d.world_size,
+            "total": total,
+            "full_patch": full_patch,
+            "budget_fitted": fitted,
+            "train_seconds": seconds_before + time.perf_counter() - started,
             "model": model.state_dict(),
             "ema": ema.model.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
@@ -440,6 +454,7 @@ def train(
         with atomic_path(out / STATE_NAME) as tmp:
             torch.save(state, tmp)
         save_model(export, out)
+        last_checkpoint = time.perf_counter() - t0
 
     def validate() -> dict[str, Any]:
         if len(data.val) == 0:
@@ -447,6 +462,69 @@ def train(
         r = evaluate_tensors(export, data.val.images, data.val.labels, mean, std, c.eval_batch_size, device)
         return {"val_top1": r["top1"], "val_loss": r["loss"]}
 
+    def validation_pass() -> None:  # rank 0 alone logs and selects the best model
+        nonlocal best_val, last_validation
+        t0 = time.perf_counter()
+        v = validate()
+        if v:
+            metrics.add({"step": step, "epoch": epoch + micro_pos / micro_per_epoch, **v})
+            log(f"step {step}: val top-1 {v['val_top1']:.4f}")
+            if v["val_top1"] > best_val:
+                best_val = v["val_top1"]
+                save_model(export, out / BEST_DIR)
+        last_validation = time.perf_counter() - t0
+
+    def spent() -> float:
+        return seconds_before + time.perf_counter() - started
+
+    def fit_to_budget(step_cost: float) -> None:
+        """Fix the step count that fits the rest of the budget at the measured costs (rank 0's decide)."""
+        nonlocal total, full_patch, warmup, fitted
+        assert c.time_budget is not None
+        mc = model.config
+        ratio = 1.0
+        if mc.patch_dropout > 0 and model.drop_patches:
+            kept = max(1, int(mc.num_patches * (1.0 - mc.patch_dropout)))
+            ratio = full_patch_cost_ratio(mc.num_patches, kept, mc.num_prefix_tokens, mc.hidden_dim, mc.mlp_dim)
+        costs = Costs(
+            step=step_cost,
+            full_patch_ratio=ratio,
+            recompile=max(0.0, first_step - step_cost) if c.compile else 0.0,
+            validation=last_validation,
+            checkpoint=last_checkpoint,
+        )
+        plan = fit(
+            step,
+            cap,
+            c.time_budget - spent(),
+            costs,
+            eval_every=eval_every_steps,
+            steps_per_epoch=steps_per_epoch,
+            checkpoint_every=c.checkpoint_every,
+        )
+        before, first = total, not fitted
+        total, full_patch = _broadcast_ints([plan.total, plan.full_patch], d)
+        fitted = True
+        if first:
+            log(
+                f"step {step}: time budget {c.time_budget:g} s, {spent():.1f} s spent; a step takes "
+                f"{1000 * step_cost:.0f} ms, a validation {costs.validation:.1f} s, a checkpoint "
+                f"{costs.checkpoint:.2f} s: {total} of {cap.total} steps fit ({total / steps_per_epoch:.2f} epochs"
+                + (f", the last {full_patch} on every patch)" if full_patch else ")")
+            )
+        elif total != before:
+            log(
+                f"step {step}: {spent():.1f} of {c.time_budget:g} s spent, a step takes {1000 * step_cost:.0f} ms: "
+                f"{total} steps fit (was {before})"
+            )
+        if warmup >= total:
+            log(f"warm-up of {warmup} steps is not shorter than the fitted run: using {total // 10}")
+            warmup = total // 10
+        if bar is not None:
+            bar.total = total
+            bar.refresh()
+
+    started = time.perf_counter()
     if not resume:
         save()  # from the first moment, the folder holds a loadable model and a resumable state
     bar = None
@@ -454,8 +532,8 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-    started = time.perf_counter()
     t_last, seen_last = time.perf_counter(), 0
+    session_start, first_step, durations = step, 0.0, []  # step times of this session, for the time budget
     eval_every_steps = max(1, round(c.eval_every * steps_per_epoch))
     run_loss, run_correct, run_n = 0.0, 0, 0
     with _Signals() as signals:
@@ -507,6 +585,13 @@ def train(
                 step += 1
                 now = time.perf_counter()
                 ips = seen_last / max(now - t_last, 1e-9)
+                if step == session_start + 1:
+                    first_step = now - t_last  # compilation included
+                elif step > session_start + 3:
+                    durations.append(now - t_last)
+                if c.time_budget and step < total and _any_rank(spent() >= c.time_budget, d):
+                    log(f"step {step}: the time budget of {c.time_budget:g} s is spent: stopping {total - step} early")
+                    total, stopped_by_budget = step, True
                 row = {
                     "step": step,
                     "epoch": epoch + micro_pos / micro_per_epoch,
@@ -523,14 +608,9 @@ def train(
                 seen_last = 0
                 run_loss, run_correct, run_n = 0.0, 0, 0
                 end_of_epoch = micro_pos >= micro_per_epoch - (micro_per_epoch % c.accum_steps)
-                if step % eval_every_steps == 0 or step == total:
-                    v = validate() if d.main else {}  # rank 0 alone logs and selects the best model
-                    if v:
-                        metrics.add({"step": step, "epoch": epoch + micro_pos / micro_per_epoch, **v})
-                        log(f"step {step}: val top-1 {v['val_top1']:.4f}")
-                        if v["val_top1"] > best_val:
-                            best_val = v["val_top1"]
-                            save_model(export, out / BEST_DIR)
+                validated = step % eval_every_steps == 0 or step == total
+                if validated and d.main:
+                    validation_pass()
                 interrupted = _any_rank(signals.received is not None, d)
                 if end_of_epoch:
                     epoch, micro_pos = epoch + 1, 0
@@ -541,6 +621,19 @@ def train(
                     or step == total
                 ):
                     save()
+                if c.time_budget and step < total and model.drop_patches:  # measured steps: the phase they fit
+                    if not fitted:
+                        # 20 steps past compilation and 5% of the budget (at most 30 s), then time the other work
+                        enough = len(durations) >= 20 and sum(durations) >= min(30.0, 0.05 * c.time_budget)
+                        if _any_rank(enough, d):
+                            save()
+                            if d.main:
+                                validation_pass()
+                            fit_to_budget(statistics.median(durations))
+                            durations.clear()
+                    elif validated and len(durations) >= 10:  # fit again at each validation: the machine drifts
+                        fit_to_budget(statistics.median(durations))
+                        durations.clear()
                 t_last = time.perf_counter()  # images/s counts training only, not validation or saving
                 if interrupted:
                     if bar is not None:
@@ -570,6 +663,8 @@ def train(
             "test_top5_last": result.test["top5"] if result.test else None,
             "test_top1_best_val": result.test_best["top1"] if result.test_best else None,
         }
+        if c.time_budget:
+            summary |= {"time_budget": c.time_budget, "stopped_by_time_budget": stopped_by_budget}
         metrics.add({"final": True, **summary})
         metrics.flush()
         atomic_write_json(out / RESULTS_NAME, summary)
@@ -678,12 +773,23 @@ def _restore_rng(saved: Tensor | dict[str, Tensor], device: torch.device) -> Non
         torch.cuda.set_rng_state(saved["cuda"], device)
 
 
+def _broadcast_ints(values: list[int], d: Dist) -> list[int]:
+    """Rank 0's ``values`` on every rank."""
+    if d.world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64, device=_device(d))  # NCCL takes GPU tensors only
+    dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]
+
+
 def _any_rank(flag: bool, d: Dist) -> bool:
     if d.world_size == 1:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_device(d))  # NCCL takes GPU tensors only
     dist.all_reduce(t)
     return bool(t.item() > 0)
 

@@ -260,3 +260,110 @@ def test_a_muon_run_saves_both_kinds_of_optimiser_state(tmp_path: Path, monkeypa
     for pid, state in saved["state"].items():
         assert set(state) == ({"momentum_buffer"} if pid in muon_ids else {"step", "exp_avg", "exp_avg_sq"})
         assert int(state.get("step", 3)) == 3
+
+
+class _Clock:
+    """A stand-in for ``time`` in vitlab.train: only training forwards advance it, by ``per_step`` seconds."""
+
+    def __init__(self, per_step: float) -> None:
+        self.now, self.per_step = 1000.0, per_step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if module.training:
+            self.now += self.per_step
+
+
+def test_a_time_budget_fits_the_run_and_stops_it_when_spent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps cost 1/8 s of a fake clock (validation and checkpoints nothing): the fit after 23 steps (3 at the
+    start skipped, 20 measured) leaves 2.125 s of the 5 s budget, 17 more steps. A SIGTERM at step 30 saves;
+    the resumed run keeps the fitted 40 steps and the seconds already spent. Slowed to 1/2 s per step, a
+    second run stops once the budget is spent, before its fitted end."""
+    import os
+    import signal
+    import types
+
+    import vitlab.train as vt
+    from vitlab.train import TrainingInterrupted
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    clock = _Clock(0.125)
+    monkeypatch.setattr(vt, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    forwards: list[int] = []
+
+    def tick_and_maybe_stop(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        clock.tick(module, args)
+        if module.training:
+            forwards.append(1)
+            if len(forwards) == 30 and stop_at_30:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if len(forwards) > 30 and slow_after_30:
+                clock.now += 0.375  # 1/2 s per step in all
+
+    def clocked(*args: Any, **kwargs: Any) -> Any:
+        model = create(*args, **kwargs)
+        model.blocks[0].register_forward_pre_hook(tick_and_maybe_stop)
+        return model
+
+    create = vt.create_model
+    monkeypatch.setattr(vt, "create_model", clocked)
+    # 576 training images in batches of 32: 18 steps per epoch; 5 epochs (90 steps) is the cap
+    budgeted = TINY.replace(max_steps=None, epochs=5, time_budget=5.0)
+    stop_at_30, slow_after_30 = True, False
+    logs: list[str] = []
+    with pytest.raises(TrainingInterrupted):
+        train(budgeted, tmp_path / "run", progress=False, log=logs.append)
+    assert any("step 23: time budget 5 s, 2.9 s spent" in line and "40 of 90 steps fit" in line for line in logs), logs
+    stop_at_30 = False
+    result = train(None, tmp_path / "run", resume=True, progress=False)
+    assert result.step == 40 and len(forwards) == 40
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["time_budget"] == 5.0 and saved["stopped_by_time_budget"] is False
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)
+    assert state["total"] == 40 and state["budget_fitted"] and state["train_seconds"] == 40 * 0.125
+
+    forwards.clear()
+    slow_after_30 = True  # 30 steps spend 3.75 s; at 1/2 s each, steps 31 and 32 reach 4.75 s, step 33 5.25 s
+    logs.clear()
+    result = train(budgeted, tmp_path / "slow", progress=False, log=logs.append)
+    assert result.step == 33
+    assert any("step 33: the time budget of 5 s is spent: stopping 7 early" in line for line in logs), logs
+    assert json.loads((tmp_path / "slow" / "results.json").read_text())["stopped_by_time_budget"] is True
+
+    with pytest.raises(ValueError, match="time_budget must be > 0"):
+        TINY.replace(time_budget=0)
+
+
+def test_a_time_budget_is_fitted_again_at_each_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitted at 1/8 s per step after 23 steps (57 more fit the 10 s budget: 80 of 90), the steps then get
+    twice as fast: at the validation after step 36 the rest of the epochs fit again, and the run ends at the
+    cap of 90 steps."""
+    import types
+
+    import vitlab.train as vt
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    clock = _Clock(0.125)
+    monkeypatch.setattr(vt, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def tick(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        clock.tick(module, args)
+        if clock.now >= 1000.0 + 23 * 0.125:
+            clock.per_step = 0.0625
+
+    def clocked(*args: Any, **kwargs: Any) -> Any:
+        model = create(*args, **kwargs)
+        model.blocks[0].register_forward_pre_hook(tick)
+        return model
+
+    create = vt.create_model
+    monkeypatch.setattr(vt, "create_model", clocked)
+    logs: list[str] = []
+    result = train(
+        TINY.replace(max_steps=None, epochs=5, time_budget=10.0), tmp_path / "run", progress=False, log=logs.append
+    )
+    assert any("step 23: time budget 10 s" in line and "80 of 90 steps fit" in line for line in logs), logs
+    assert any("step 36: 3.7 of 10 s spent, a step takes 62 ms: 90 steps fit (was 80)" in line for line in logs), logs
+    assert result.step == 90

@@ -22,6 +22,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--lr": ("lr", float),
     "--epochs": ("epochs", float),
     "--max-steps": ("max_steps", int),
+    "--time-budget": ("time_budget", float),
     "--batch-size": ("batch_size", int),
     "--accum-steps": ("accum_steps", int),
     "--seed": ("seed", int),
