@@ -10,7 +10,8 @@ update is applied; nothing non-finite is written.
 Data order: epoch e visits a permutation drawn from a generator seeded with (seed, e); with W processes,
 process r takes every W-th index of it. Augmentation and dropout draw from torch's global generator, whose
 state is checkpointed. With the same seed and world size, an interrupted and resumed CPU run ends with the
-same weights, bit for bit, as an uninterrupted one.
+same weights, bit for bit, as an uninterrupted one (unless a time budget binds: its fitted length depends on
+the machine's speed, vitlab.budget).
 """
 
 from __future__ import annotations

@@ -301,3 +301,15 @@ def test_resume_names_the_result_changing_settings_it_ignores_without_validating
     assert all(torch.equal(before[k], v) for k, v in weights(out).items())
     r = run("train", "--out", str(tmp_path / "none"), "--resume", "--print-config")
     assert r.returncode == 2 and "holds no training_state.pt" in r.stderr
+
+
+def test_time_budget_flag_sets_removes_and_refuses(tmp_path: Path) -> None:
+    shown = run("train", "--recipe", "fashion-mnist", "--time-budget", "60", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["time_budget"] == 60.0
+    none = run("train", "--recipe", "fashion-mnist", "--set", "time_budget=null", "--print-config")
+    assert none.returncode == 0 and json.loads(none.stdout)["time_budget"] is None, none.stderr
+    bad = run("train", *TINY, "--time-budget", "0", "--out", str(tmp_path / "run"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "time_budget must be > 0 seconds or None, got 0.0" in bad.stderr
+    assert not (tmp_path / "run").exists()

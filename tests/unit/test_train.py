@@ -24,6 +24,20 @@ TINY = TrainConfig(
 )
 
 
+def _hook_first_block(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
+    """Every model vitlab.train creates gets ``hook`` as a forward pre-hook on its first block."""
+    import vitlab.train as vt
+
+    create = vt.create_model
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        model = create(*args, **kwargs)
+        model.blocks[0].register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(vt, "create_model", hooked)
+
+
 def test_a_failing_torch_compile_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_compiler(net: Any) -> Any:
         def fail(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +113,10 @@ def test_every_named_recipe_resolves_to_a_buildable_model() -> None:
     ten = get_recipe("fashion-mnist")  # the 10-minute recipe of docs/results.md
     assert ten.model_overrides["patch_size"] == 4 and ten.model_overrides["patch_dropout"] == 0.75
     assert ten.epochs == 19 and ten.full_patch_epochs == 1 and ten.optimizer == "muon" and ten.momentum is None
+    demo = get_recipe("fashion-mnist-demo")
+    assert demo.optimizer == "muon" and demo.epochs == 4 and long.optimizer == "adamw"
+    # the issue's budgets, with room for the final validation pass: 5 minutes, 10 minutes, 2 hours
+    assert (demo.time_budget, ten.time_budget, long.time_budget) == (285, 590, 7150)
 
 
 def test_patch_dropout_trains_and_is_not_inherited_by_a_fine_tuning_run(
@@ -184,7 +202,6 @@ def test_full_patch_epochs_train_the_last_epochs_on_every_patch(
     import os
     import signal
 
-    import vitlab.train as vt
     from vitlab.train import TrainingInterrupted
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
@@ -196,13 +213,7 @@ def test_full_patch_epochs_train_the_last_epochs_on_every_patch(
             if len(seen) == 30:  # a SIGTERM during step 30: the run saves after it and stops
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        model = create(*args, **kwargs)
-        model.blocks[0].register_forward_pre_hook(record)
-        return model
-
-    create = vt.create_model
-    monkeypatch.setattr(vt, "create_model", recording)
+    _hook_first_block(monkeypatch, record)
     # 576 training images in batches of 32: 18 steps per epoch, 36 in all, the last 9 on every patch
     dropped = TINY.replace(
         model_overrides={**TINY.model_overrides, "patch_dropout": 0.5}, max_steps=None, epochs=2, full_patch_epochs=0.5
@@ -302,13 +313,7 @@ def test_a_time_budget_fits_the_run_and_stops_it_when_spent(tmp_path: Path, monk
             if len(forwards) > 30 and slow_after_30:
                 clock.now += 0.375  # 1/2 s per step in all
 
-    def clocked(*args: Any, **kwargs: Any) -> Any:
-        model = create(*args, **kwargs)
-        model.blocks[0].register_forward_pre_hook(tick_and_maybe_stop)
-        return model
-
-    create = vt.create_model
-    monkeypatch.setattr(vt, "create_model", clocked)
+    _hook_first_block(monkeypatch, tick_and_maybe_stop)
     # 576 training images in batches of 32: 18 steps per epoch; 5 epochs (90 steps) is the cap
     budgeted = TINY.replace(max_steps=None, epochs=5, time_budget=5.0)
     stop_at_30, slow_after_30 = True, False
@@ -353,13 +358,7 @@ def test_a_time_budget_is_fitted_again_at_each_validation(tmp_path: Path, monkey
         if clock.now >= 1000.0 + 23 * 0.125:
             clock.per_step = 0.0625
 
-    def clocked(*args: Any, **kwargs: Any) -> Any:
-        model = create(*args, **kwargs)
-        model.blocks[0].register_forward_pre_hook(tick)
-        return model
-
-    create = vt.create_model
-    monkeypatch.setattr(vt, "create_model", clocked)
+    _hook_first_block(monkeypatch, tick)
     logs: list[str] = []
     result = train(
         TINY.replace(max_steps=None, epochs=5, time_budget=10.0), tmp_path / "run", progress=False, log=logs.append

@@ -42,6 +42,11 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--threads": ("threads", int),
 }
 
+_HELP = {
+    "time_budget": "at most this many seconds of training: the run's epochs are shortened to fit where the CPU is "
+    "too slow for them (--set time_budget=null: none)",
+}
+
 
 def add_parser(sub: Any) -> None:
     from vitlab.recipes import RECIPES
@@ -58,7 +63,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     for flag, (name, kind) in _FLAGS.items():
-        p.add_argument(flag, dest=name, type=kind, default=None, help=f"override {name}")
+        p.add_argument(flag, dest=name, type=kind, default=None, help=_HELP.get(name, f"override {name}"))
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
