@@ -16,6 +16,7 @@ budget does not bind (or by resuming the saved run).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -58,10 +59,17 @@ def full_patch_cost_ratio(patches: int, kept: int, prefix: int, width: int, mlp:
     return cost(patches + prefix) / cost(kept + prefix)
 
 
-def _ends_between(step: int, total: int, every: int) -> int:
-    """How many of the steps step+1 .. total close a period of ``every`` steps, counting ``total`` itself."""
-    n = total // every - step // every
-    return n + (1 if total % every else 0)
+def _ends_between(step: int, total: int, every: int, also: int | None = None) -> int:
+    """How many of the steps step+1 .. total are a multiple of ``every`` or of ``also``, or ``total`` itself."""
+
+    def multiples(k: int) -> int:
+        return total // k - step // k
+
+    count = multiples(every)
+    if also:
+        count += multiples(also) - multiples(math.lcm(every, also))  # a step that is both counts once
+    last_counted = total % every == 0 or bool(also and total % also == 0)
+    return count + (0 if last_counted else 1)
 
 
 def predicted_seconds(
@@ -72,22 +80,22 @@ def predicted_seconds(
     eval_every: int,
     steps_per_epoch: int,
     checkpoint_every: int | None = None,
+    dropping: bool = True,
 ) -> float:
     """Seconds from the end of ``step`` to the end of a run planned as ``plan`` (validation after every
     ``eval_every`` steps and at the last one; a checkpoint at each epoch end, every ``checkpoint_every`` steps
-    and at the last one)."""
+    and at the last one). ``dropping``: the model still drops patches, so full-patch steps still to come
+    start with a compilation."""
     if step >= plan.total:
         return 0.0
     switch = plan.total - plan.full_patch  # the first step on every patch
     normal = max(0, switch - step)
     full = plan.total - max(step, switch)
     seconds = normal * costs.step + full * costs.step * costs.full_patch_ratio
-    if plan.full_patch and step < switch:
+    if full and dropping:
         seconds += costs.recompile
     seconds += _ends_between(step, plan.total, eval_every) * costs.validation
-    saves = _ends_between(step, plan.total, steps_per_epoch)
-    if checkpoint_every:
-        saves += plan.total // checkpoint_every - step // checkpoint_every
+    saves = _ends_between(step, plan.total, steps_per_epoch, checkpoint_every)
     return seconds + saves * costs.checkpoint
 
 
@@ -102,11 +110,12 @@ def fit(
     checkpoint_every: int | None = None,
 ) -> Schedule:
     """The longest run of at most ``cap.total`` steps, its full-patch share scaled with it, whose predicted
-    time from the end of ``step`` fits ``seconds_left``; ``step + 1`` steps (one more) if none fits."""
+    time from the end of ``step`` (the model still dropping patches) fits ``seconds_left``; ``step + 1`` steps
+    (one more, on the patches it trains on now) if none fits."""
 
     def plan(total: int) -> Schedule:
         full = round(cap.full_patch * total / cap.total) if cap.full_patch else 0
-        return Schedule(total, full if full < total else 0)
+        return Schedule(total, min(full, total - step))  # a switch in the past: the rest on every patch
 
     def fits(total: int) -> bool:
         return (
@@ -127,7 +136,7 @@ def fit(
     if fits(hi):
         return plan(hi)
     if not fits(lo):
-        return plan(lo)
+        return Schedule(lo)  # not a compilation for one step on every patch
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

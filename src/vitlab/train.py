@@ -392,6 +392,7 @@ def train(
     step, epoch, micro_pos, best_val = 0, 0, 0, -1.0
     seconds_before, fitted, stopped_by_budget = 0.0, False, False  # training seconds of earlier sessions
     last_checkpoint, last_validation = 0.0, 0.0  # seconds the latest of each took, for the time budget
+    step_cost = 0.0  # seconds a step takes, as last fitted
     if resume:
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
         if state["world_size"] != d.world_size:
@@ -401,9 +402,12 @@ def train(
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
         step, epoch, micro_pos, best_val = state["step"], state["epoch"], state["micro_pos"], state["best_val"]
-        seconds_before = state.get("train_seconds", 0.0)
+        seconds_before = state.get("train_seconds", 0.0)  # up to the last checkpoint: a kill -9 loses the rest
+        warmup = state.get("warmup", warmup)
         if c.time_budget and state.get("budget_fitted"):  # the schedule fitted in an earlier session
             total, full_patch, fitted = state["total"], state["full_patch"], True
+        if c.time_budget and state.get("budget_stopped"):  # the budget was spent: nothing more to train
+            total, stopped_by_budget = step, True
         _restore_rng(state["rng"][d.rank], device)
         log(f"resumed at step {step} (epoch {epoch}, batch {micro_pos})")
 
@@ -445,7 +449,9 @@ def train(
             "world_size": d.world_size,
             "total": total,
             "full_patch": full_patch,
+            "warmup": warmup,
             "budget_fitted": fitted,
+            "budget_stopped": stopped_by_budget,
             "train_seconds": seconds_before + time.perf_counter() - started,
             "model": model.state_dict(),
             "ema": ema.model.state_dict() if ema is not None else None,
@@ -478,9 +484,10 @@ def train(
     def spent() -> float:
         return seconds_before + time.perf_counter() - started
 
-    def fit_to_budget(step_cost: float) -> None:
+    def fit_to_budget(measured: float) -> None:
         """Fix the step count that fits the rest of the budget at the measured costs (rank 0's decide)."""
-        nonlocal total, full_patch, warmup, fitted
+        nonlocal total, full_patch, warmup, fitted, step_cost
+        step_cost = measured
         assert c.time_budget is not None
         mc = model.config
         ratio = 1.0
@@ -590,9 +597,14 @@ def train(
                     first_step = now - t_last  # compilation included
                 elif step > session_start + 3:
                     durations.append(now - t_last)
-                if c.time_budget and step < total and _any_rank(spent() >= c.time_budget, d):
+                # stop when another step would leave no room for the closing validation and checkpoint
+                closing = step_cost + last_validation + last_checkpoint
+                if c.time_budget and step < total and _any_rank(spent() + closing > c.time_budget, d):
                     log(f"step {step}: the time budget of {c.time_budget:g} s is spent: stopping {total - step} early")
                     total, stopped_by_budget = step, True
+                    if bar is not None:
+                        bar.total = total
+                        bar.refresh()
                 row = {
                     "step": step,
                     "epoch": epoch + micro_pos / micro_per_epoch,
@@ -628,8 +640,10 @@ def train(
                         enough = len(durations) >= 20 and sum(durations) >= min(30.0, 0.05 * c.time_budget)
                         if _any_rank(enough, d):
                             save()
-                            if d.main:
-                                validation_pass()
+                            if d.main:  # timed only: a pass at a machine-dependent step selects nothing
+                                t0 = time.perf_counter()
+                                validate()
+                                last_validation = time.perf_counter() - t0
                             fit_to_budget(statistics.median(durations))
                             durations.clear()
                     elif validated and len(durations) >= 10:  # fit again at each validation: the machine drifts

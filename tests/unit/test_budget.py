@@ -14,13 +14,24 @@ def test_prediction_counts_steps_validations_checkpoints_and_the_full_patch_phas
     seconds = predicted_seconds(10, Schedule(40, 10), costs, eval_every=20, steps_per_epoch=10)
     assert seconds == 20 + 30 + 10 + 2 * 5 + 3 * 0.5
     # already on every patch: no recompile; validated and saved after step 40 and again at the last, 41
-    assert predicted_seconds(35, Schedule(41, 10), costs, eval_every=20, steps_per_epoch=10) == 6 * 3 + 2 * 5 + 2 * 0.5
+    on_every_patch = predicted_seconds(35, Schedule(41, 10), costs, eval_every=20, steps_per_epoch=10, dropping=False)
+    assert on_every_patch == 6 * 3 + 2 * 5 + 2 * 0.5
+    # at the switch, still dropping: the next step compiles for the longer sequence
+    assert (
+        predicted_seconds(31, Schedule(41, 10), costs, eval_every=20, steps_per_epoch=10)
+        == 10 * 3 + 10 + 2 * 5 + 2 * 0.5
+    )
     assert predicted_seconds(5, Schedule(10), Costs(step=2.0), eval_every=3, steps_per_epoch=100) == 10.0
     # every checkpoint_every steps on top of the epoch ends
     extra = predicted_seconds(
         0, Schedule(10), Costs(step=1.0, checkpoint=1.0), eval_every=100, steps_per_epoch=100, checkpoint_every=4
     )
     assert extra == 10 + 1 + 2
+    # a step that is an epoch end and a checkpoint_every multiple is one checkpoint: 4, 8, 10 (epoch), 12, 16, 20
+    both = predicted_seconds(
+        0, Schedule(20), Costs(step=1.0, checkpoint=1.0), eval_every=100, steps_per_epoch=10, checkpoint_every=4
+    )
+    assert both == 20 + 6
     assert predicted_seconds(10, Schedule(10), costs, eval_every=1, steps_per_epoch=1) == 0.0
 
 
@@ -39,6 +50,11 @@ def test_fit_keeps_the_longest_run_that_fits_and_scales_its_full_patch_share() -
     assert plan == Schedule(500, 50)
     over = predicted_seconds(0, Schedule(501, 50), Costs(step=0.1, full_patch_ratio=2.0), **kw)
     assert over > 55.0
+    # nothing fits: one more step on the patches trained on now, not a compilation for one full-patch step
+    slow = Costs(step=0.17, full_patch_ratio=4.0, recompile=60.0)
+    assert fit(175, Schedule(7999, 421), 0.1, slow, **kw) == Schedule(176)
+    # a late fit whose scaled switch would be behind the current step: the rest of the run on every patch
+    assert fit(100, Schedule(1000, 500), 50.0, Costs(step=1.0), **kw) == Schedule(150, 50)
 
 
 def test_full_patch_cost_ratio_follows_the_encoder_flops() -> None:

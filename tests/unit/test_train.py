@@ -336,6 +336,9 @@ def test_a_time_budget_fits_the_run_and_stops_it_when_spent(tmp_path: Path, monk
     assert result.step == 33
     assert any("step 33: the time budget of 5 s is spent: stopping 7 early" in line for line in logs), logs
     assert json.loads((tmp_path / "slow" / "results.json").read_text())["stopped_by_time_budget"] is True
+    resumed = train(None, tmp_path / "slow", resume=True, progress=False)  # spent stays spent: no more steps
+    assert resumed.step == 33 and len(forwards) == 33
+    assert json.loads((tmp_path / "slow" / "results.json").read_text())["stopped_by_time_budget"] is True
 
     with pytest.raises(ValueError, match="time_budget must be > 0"):
         TINY.replace(time_budget=0)
