@@ -36,7 +36,7 @@ def test_prediction_counts_steps_validations_checkpoints_and_the_full_patch_phas
 
 
 def test_fit_keeps_the_longest_run_that_fits_and_scales_its_full_patch_share() -> None:
-    kw = dict(eval_every=1000, steps_per_epoch=1000)
+    kw: dict[str, int] = {"eval_every": 1000, "steps_per_epoch": 1000}
     costs = Costs(step=0.5)
     # 100 s left at 0.5 s per step after step 20: 200 more steps, plus the final validation/checkpoint (free here)
     assert fit(20, Schedule(1000), 100.0, costs, **kw) == Schedule(220)
@@ -48,7 +48,9 @@ def test_fit_keeps_the_longest_run_that_fits_and_scales_its_full_patch_share() -
     assert plan == Schedule(1000, 100)
     plan = fit(0, Schedule(1000, 100), 55.0, Costs(step=0.1, full_patch_ratio=2.0), **kw)
     assert plan == Schedule(500, 50)
-    over = predicted_seconds(0, Schedule(501, 50), Costs(step=0.1, full_patch_ratio=2.0), **kw)
+    over = predicted_seconds(
+        0, Schedule(501, 50), Costs(step=0.1, full_patch_ratio=2.0), eval_every=1000, steps_per_epoch=1000
+    )
     assert over > 55.0
     # nothing fits: one more step on the patches trained on now, not a compilation for one full-patch step
     slow = Costs(step=0.17, full_patch_ratio=4.0, recompile=60.0)
