@@ -139,6 +139,10 @@ class ViTConfig:
         gh, gw = self.grid_size
         return gh * gw
 
+    def kept_patches(self, n: int) -> int:
+        """How many of ``n`` patch tokens patch dropout keeps in training (at least one)."""
+        return max(1, int(n * (1.0 - self.patch_dropout)))
+
     @property
     def num_prefix_tokens(self) -> int:
         """1 for the class token with token pooling, 0 for GAP."""

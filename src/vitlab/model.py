@@ -585,7 +585,7 @@ class ViT(nn.Module):
         prefix = self.config.num_prefix_tokens
         patches = x[:, prefix:]
         b, n, d = patches.shape
-        keep = max(1, int(n * (1.0 - self.config.patch_dropout)))
+        keep = self.config.kept_patches(n)
         idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep]
         kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
         return torch.cat([x[:, :prefix], kept], dim=1)

@@ -490,9 +490,9 @@ def train(
         step_cost = measured
         assert c.time_budget is not None
         mc = model.config
-        ratio = 1.0
-        if mc.patch_dropout > 0 and model.drop_patches:
-            kept = max(1, int(mc.num_patches * (1.0 - mc.patch_dropout)))
+        ratio = 1.0  # called while patches are dropped (if the model drops any): full-patch steps cost more
+        if mc.patch_dropout > 0:
+            kept = mc.kept_patches(mc.num_patches)
             ratio = full_patch_cost_ratio(mc.num_patches, kept, mc.num_prefix_tokens, mc.hidden_dim, mc.mlp_dim)
         costs = Costs(
             step=step_cost,
@@ -528,6 +528,9 @@ def train(
         if warmup >= total:
             log(f"warm-up of {warmup} steps is not shorter than the fitted run: using {total // 10}")
             warmup = total // 10
+        bar_to_total()
+
+    def bar_to_total() -> None:
         if bar is not None:
             bar.total = total
             bar.refresh()
@@ -602,9 +605,7 @@ def train(
                 if c.time_budget and step < total and _any_rank(spent() + closing > c.time_budget, d):
                     log(f"step {step}: the time budget of {c.time_budget:g} s is spent: stopping {total - step} early")
                     total, stopped_by_budget = step, True
-                    if bar is not None:
-                        bar.total = total
-                        bar.refresh()
+                    bar_to_total()
                 row = {
                     "step": step,
                     "epoch": epoch + micro_pos / micro_per_epoch,
