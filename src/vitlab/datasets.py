@@ -25,7 +25,7 @@ import dataclasses
 import gzip
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from vitlab.config import Preprocessing
 from vitlab.preprocess import resize_crop, to_mode
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 DEBIAN_DATASETS = Path("/usr/share/datasets")  # Debian's dataset-* packages install here
 
@@ -116,6 +117,7 @@ def load_data(
     download: bool = True,
     limit: int | None = None,
     preprocessing: Preprocessing | None = None,
+    splits: Collection[str] = SPLITS,
 ) -> DataSplits:
     """Load a named dataset (one of :data:`DATASETS`) or a folder of class folders into memory.
 
@@ -136,6 +138,12 @@ def load_data(
     ``vitlab predict`` does to a file: mode conversion, resize to cover ``image_size / crop_pct`` with the
     checkpoint's interpolation, centre crop to its ``image_size``. Without it, images of another size than
     ``image_size`` are resized (bicubic) to cover it and centre-cropped: the same with ``crop_pct`` 1.
+
+    ``splits`` names the splits to decode and convert (default all three); the others come back without images
+    but carved exactly as in a full load, so evaluating one split of a large folder or at a checkpoint's
+    resolution touches only that split's files. Without ``"train"``, a folder may hold just the splits asked
+    for (e.g. an ImageNet-style ``val/``), their classes then being its class folders. Channels and size,
+    when inferred, come from the decoded splits only.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
@@ -144,15 +152,23 @@ def load_data(
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1, 3 or None (keep the data's own), got {channels!r}")
     size = _size_pair(image_size)
+    wanted = frozenset(splits)
+    if not wanted or not wanted <= set(SPLITS):
+        raise DataError(f"splits must be a non-empty selection of {', '.join(SPLITS)}, got {sorted(wanted)}")
 
     if spec in DATASETS:
         train, test = _load_named(spec, download=download)
-        splits = _finish(spec, train, test, [], [], val_fraction=val_fraction, seed=seed, limit=limit, val=None)
-        return dataclasses.replace(  # after limit, so that a quick run does not resize all 60000 images
-            splits,
-            train=_convert_tensors(splits.train, channels, size),
-            val=_convert_tensors(splits.val, channels, size),
-            test=None if splits.test is None else _convert_tensors(splits.test, channels, size),
+        carved = _finish(spec, train, test, [], [], val_fraction=val_fraction, seed=seed, limit=limit, val=None)
+
+        def convert(split: ImageTensors, name: str) -> ImageTensors:  # after limit: quick runs resize few images
+            kept = split if name in wanted else split.subset(torch.zeros(0, dtype=torch.long))
+            return _convert_tensors(kept, channels, size)
+
+        return dataclasses.replace(
+            carved,
+            train=convert(carved.train, "train"),
+            val=convert(carved.val, "val"),
+            test=None if carved.test is None else convert(carved.test, "test"),
         )
 
     path = Path(spec).expanduser()
@@ -168,7 +184,14 @@ def load_data(
     if preprocessing is not None:
         size = preprocessing.image_size
     return _load_folder(
-        path, val_fraction=val_fraction, seed=seed, size=size, channels=channels, limit=limit, pre=preprocessing
+        path,
+        val_fraction=val_fraction,
+        seed=seed,
+        size=size,
+        channels=channels,
+        limit=limit,
+        pre=preprocessing,
+        wanted=wanted,
     )
 
 
@@ -602,8 +625,9 @@ def _load_folder(
     channels: int | None,
     limit: int | None,
     pre: Preprocessing | None = None,
+    wanted: frozenset[str] = frozenset(SPLITS),
 ) -> DataSplits:
-    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     notes: list[str] = []
     if "train" in split_dirs:
         if len(split_dirs) == 1:
@@ -612,35 +636,61 @@ def _load_folder(
                 "itself to carve validation and test splits from its class folders"
             )
         class_root = split_dirs["train"]
+    elif split_dirs and "train" not in wanted and wanted <= split_dirs.keys():
+        class_root = split_dirs[min(wanted, key=SPLITS.index)]  # e.g. ImageNet's val/ alone, to evaluate on
+    elif split_dirs:
+        found = ", ".join(s + "/" for s in split_dirs)
+        raise DataError(f"{root} has {found} but no train/ folder of class folders beside it")
     else:
-        if split_dirs:
-            found = ", ".join(s + "/" for s in split_dirs)
-            raise DataError(f"{root} has {found} but no train/ folder of class folders beside it")
         class_root = root
         split_dirs = {"train": root}
 
     classes = _class_folders(class_root)
     if not classes:
         raise DataError(f"{class_root} has no class folders; expected one folder of images per class")
-    if len(classes) < 2:
+    if len(classes) < 2 and "train" in wanted:
         raise DataError(f"{class_root} has a single class folder ({classes[0]!r}); training needs at least 2 classes")
 
-    skipped: list[tuple[str, str]] = []
-    decoded: dict[str, tuple[list[np.ndarray], list[bool], list[int]]] = {}
+    # List every file (cheap), carve and limit on the listing, then decode only the splits wanted. "Images" are
+    # indices into `paths` until then.
+    paths: list[Path] = []
+    listed: dict[str, ImageTensors] = {}
     for split, folder in split_dirs.items():
-        paths, labels = _list_files(folder, classes, split)
+        files, labels = _list_files(folder, classes, split)
         if split == "train":
             counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
             empty = [classes[i] for i in np.flatnonzero(counts == 0)]
             if empty:
                 raise DataError(f"class folder(s) {', '.join(repr(c) for c in empty)} in {folder} hold no files")
-        decoded[split] = _decode_all(paths, labels, size, skipped, pre, channels)
+        index = torch.arange(len(paths), len(paths) + len(files))
+        listed[split] = ImageTensors(index, torch.tensor(labels, dtype=torch.int64), list(classes))
+        paths += files
+    none = ImageTensors(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), list(classes))
+    train, val, test = listed.get("train", none), listed.get("val"), listed.get("test")
+    if split_dirs == {"train": root}:  # class folders alone: hold out a test split as well, same fraction as val
+        # the held-out test images do not depend on the run's seed, so that runs with different seeds compare
+        kept, held = _stratified_split(train.labels, val_fraction, _CARVED_TEST_SEED)
+        train, test = train.subset(kept), train.subset(held)
+        notes.append(
+            f"no train/ val/ test/ folders: test is {len(test)} images carved from the class folders "
+            f"(fraction {val_fraction}, fixed seed), not an official test split"
+        )
+    carved = _finish(str(root), train, test, [], notes, val_fraction=val_fraction, seed=seed, limit=limit, val=val)
 
-    readable = set(decoded["train"][2])
-    unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]
-    if unreadable:
-        example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise DataError(f"class folder(s) {', '.join(unreadable)} in {class_root} hold no readable images{example}")
+    skipped: list[tuple[str, str]] = []
+    decoded: dict[str, tuple[list[np.ndarray], list[bool], list[int]]] = {}
+    for split in SPLITS:
+        part = getattr(carved, split)
+        if split in wanted and part is not None:
+            files = [paths[i] for i in part.images.tolist()]
+            decoded[split] = _decode_all(files, part.labels.tolist(), size, skipped, pre, channels)
+
+    if "train" in wanted:
+        readable = {label for _, _, labels in decoded.values() for label in labels}
+        unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]
+        if unreadable:
+            example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+            raise DataError(f"class folder(s) {', '.join(unreadable)} in {class_root} hold no readable images{example}")
 
     all_arrays = [a for arrays, _, _ in decoded.values() for a in arrays]
     if channels is None:
@@ -653,21 +703,19 @@ def _load_folder(
                 f"the images in {root} differ in size ({shown}{'...' if len(sizes) > 5 else ''}); "
                 "pass image_size=(height, width) to resize them all"
             )
-        h, w = all_arrays[0].shape[:2]
+        h, w = sizes.pop() if sizes else (0, 0)  # nothing decoded: empty splits
         size = (int(h), int(w))
 
-    tensors = {
-        split: ImageTensors(_stack(arrays, channels, size), torch.tensor(labels, dtype=torch.int64), list(classes))
-        for split, (arrays, _, labels) in decoded.items()
-    }
-    train, val, test = tensors["train"], tensors.get("val"), tensors.get("test")
-    if len(split_dirs) == 1:  # class folders alone: hold out a test split as well, same fraction as val
-        # the held-out test images do not depend on the run's seed, so that runs with different seeds compare
-        kept, held = _stratified_split(train.labels, val_fraction, _CARVED_TEST_SEED)
-        train, test = train.subset(kept), train.subset(held)
-        notes.append(
-            f"no train/ val/ test/ folders: test is {len(test)} images carved from the class folders "
-            f"(fraction {val_fraction}, fixed seed), not an official test split"
-        )
+    def tensors(split: str) -> ImageTensors:
+        arrays, _, labels = decoded.get(split, ([], [], []))
+        assert size is not None and channels is not None
+        return ImageTensors(_stack(arrays, channels, size), torch.tensor(labels, dtype=torch.int64), list(classes))
+
     skipped.sort()
-    return _finish(str(root), train, test, skipped, notes, val_fraction=val_fraction, seed=seed, limit=limit, val=val)
+    return dataclasses.replace(
+        carved,
+        train=tensors("train"),
+        val=tensors("val"),
+        test=None if carved.test is None else tensors("test"),
+        skipped=skipped,
+    )

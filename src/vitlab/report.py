@@ -30,18 +30,25 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+_CONFUSION_MAX_INCHES = 16.0
+_CONFUSION_MAX_LABELS = 40
+
+
 def plot_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
     plt = _plt()
     m = torch.tensor(confusion, dtype=torch.float)
     rates = m / m.sum(1, keepdim=True).clamp(min=1)
     k = len(names)
-    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
-    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    side = min(0.55 * k, _CONFUSION_MAX_INCHES)  # 1000 ImageNet classes: a readable picture, not 60k pixels a side
+    fig, ax = plt.subplots(figsize=(side + 2.5, side + 2))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    labelled = k <= _CONFUSION_MAX_LABELS  # else class indices only: the names would overlap
+    if labelled:
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted" if labelled else "predicted (class index)")
+    ax.set_ylabel("true" if labelled else "true (class index)")
     if k <= 20:
         for i in range(k):
             for j in range(k):

@@ -112,6 +112,17 @@ def test_fashion_mnist_limit_channels_and_size(fashion: DataSplits) -> None:
 
 
 @needs_fashion
+def test_named_dataset_converts_only_the_splits_asked_for() -> None:
+    full = load_data("fashion-mnist", limit=200, image_size=32)
+    only = load_data("fashion-mnist", limit=200, image_size=32, splits=("test",))
+    assert only.test is not None and full.test is not None
+    assert torch.equal(only.test.images, full.test.images) and torch.equal(only.test.labels, full.test.labels)
+    assert only.train.images.shape == (0, 1, 32, 32) and only.val.images.shape == (0, 1, 32, 32)
+    with pytest.raises(DataError, match="splits must be"):
+        load_data("fashion-mnist", splits=("dev",))
+
+
+@needs_fashion
 def test_find_dataset_files_falls_back_to_debian() -> None:
     assert find_dataset_files("fashion-mnist") == DEBIAN_FASHION
 
@@ -347,6 +358,39 @@ def test_class_folders_only_carves_val_and_test(tmp_path: Path) -> None:
     assert any("not an official test split" in note for note in splits.notes)
     other_seed = load_data(str(tmp_path), val_fraction=0.2, seed=4)
     assert other_seed.test is not None and torch.equal(other_seed.test.images, splits.test.images)
+
+
+def test_one_split_decodes_only_its_files_and_carves_as_a_full_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _make_classes(tmp_path, {"x": 10, "y": 20, "z": 10})
+    full = load_data(str(tmp_path), val_fraction=0.2, seed=3)
+    decoded: list[Path] = []
+    real_decode = ds._decode
+
+    def recording(path: Path, *args: Any) -> Any:
+        decoded.append(path)
+        return real_decode(path, *args)
+
+    monkeypatch.setattr(ds, "_decode", recording)
+    for wanted in ("val", "test"):
+        decoded.clear()
+        only = load_data(str(tmp_path), val_fraction=0.2, seed=3, splits=(wanted,))
+        part, want = getattr(only, wanted), getattr(full, wanted)
+        assert torch.equal(part.images, want.images) and torch.equal(part.labels, want.labels)
+        assert len(decoded) == len(want)  # nothing else was read
+        assert len(only.train) == 0 and only.train.images.shape[1:] == want.images.shape[1:]
+
+
+def test_a_lone_split_folder_can_be_loaded_but_not_trained_on(tmp_path: Path) -> None:
+    _make_classes(tmp_path / "val", {"n01": 2, "n02": 3})  # ImageNet's layout for evaluation: val/ alone
+    only = load_data(str(tmp_path), splits=("val",))
+    assert only.val.class_names == ["n01", "n02"] and only.val.labels.tolist() == [0, 0, 1, 1, 1]
+    assert only.val.images.shape == (5, 1, 6, 8)
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_data(str(tmp_path))
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_data(str(tmp_path), splits=("test",))
 
 
 def test_mixed_pil_modes_give_the_same_pixels(tmp_path: Path) -> None:

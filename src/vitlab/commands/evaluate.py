@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split")
     p.add_argument("source", help="a checkpoint: vitlab run folder, file, registry name or URL")
     p.add_argument("--data", required=True, help="fashion-mnist, mnist, cifar10, cifar100 or an image folder")
-    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument(
+        "--split",
+        choices=["test", "val", "all"],
+        default="test",
+        help="all: every image of the data, whatever its split (e.g. a folder of class folders that is a test set)",
+    )
     p.add_argument("--val-fraction", type=float, default=None, help="default: the run's, else 0.1")
     p.add_argument("--seed", type=int, default=None, help="default: the run's, else 0")
     p.add_argument("--batch-size", type=int, default=256)
@@ -30,16 +36,29 @@ def add_parser(sub: Any) -> None:
 
 
 def class_mapping(model_names: list[str] | None, data_names: list[str], num_classes: int) -> list[int]:
-    """For each dataset class, the model's output index: by name when the model has names, else in order."""
+    """For each dataset class, the model's output index.
+
+    By name when the model has names and the dataset's are among them. When none of them is (e.g. ImageNet's
+    folder ids against a model's readable names) or the model has no names, in order, which needs as many
+    dataset classes as outputs. Some names matching and others not is an error: mapping those in order
+    would silently score classes against the wrong outputs."""
     if model_names:
         index = {n: i for i, n in enumerate(model_names)}
         missing = [n for n in data_names if n not in index]
         if not missing:
             return [index[n] for n in data_names]
-        if len(data_names) != num_classes:
-            raise ValueError(f"dataset classes {missing[:5]} are not among the model's class names")
-    if len(data_names) > num_classes:
-        raise ValueError(f"the dataset has {len(data_names)} classes, the model only {num_classes}")
+        if len(missing) < len(data_names):
+            raise ValueError(
+                f"dataset class(es) {', '.join(map(repr, missing[:5]))}{'...' if len(missing) > 5 else ''} are not "
+                f"among the model's class names, while {len(data_names) - len(missing)} other(s) are: rename those "
+                "folders to the model's names"
+            )
+    if len(data_names) != num_classes:
+        named = "none of the dataset's class names is the model's" if model_names else "the model has no class names"
+        raise ValueError(
+            f"{named}, so classes can only be mapped in order, which needs as many dataset classes as outputs: "
+            f"the dataset has {len(data_names)}, the model {num_classes}"
+        )
     return list(range(len(data_names)))
 
 
@@ -56,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.checkpoint import from_pretrained
-    from vitlab.datasets import load_data
+    from vitlab.datasets import SPLITS, ImageTensors, load_data
     from vitlab.evaluate import accuracy_metrics, predict_logits
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides).eval()
     if not model.config.num_classes:
@@ -75,10 +96,23 @@ def run(args: argparse.Namespace) -> int:
         channels=model.config.in_channels,
         limit=args.limit if args.limit is not None else run.get("limit"),
         preprocessing=pre,  # folders: resize and centre-crop as the checkpoint says, as `vitlab predict` does
+        splits=SPLITS if args.split == "all" else (args.split,),  # decode and resize only what is evaluated
     )
-    split = data.test if args.split == "test" else data.val
+    split: ImageTensors | None
+    if args.split == "all":  # every image once: the splits partition the data
+        parts = [s for s in (data.train, data.val, data.test) if s is not None]
+        images, labels = torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts])
+        split = ImageTensors(images, labels, data.train.class_names)
+    else:
+        split = data.test if args.split == "test" else data.val
     if split is None or len(split) == 0:
-        raise ValueError(f"{args.data} has no {args.split} split")
+        readable = f" with readable images ({len(data.skipped)} skipped)" if data.skipped else ""
+        others = " or ".join(s for s in ("test", "val", "all") if s != args.split)
+        raise ValueError(f"{args.data} has no {args.split} split{readable}; try --split {others}")
+    for note in data.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path, reason in data.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     mapping = torch.tensor(class_mapping(model.class_names, split.class_names, model.config.num_classes))
     logits = predict_logits(model, split.images, pre.mean, pre.std, args.batch_size, tta=args.tta)
     logits = logits[:, mapping]  # restrict to the dataset's classes, in its order

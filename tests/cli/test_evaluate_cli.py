@@ -1,0 +1,84 @@
+"""`vitlab evaluate` on image folders: which images it scores, how it maps classes, its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.cli.test_use_cli import run
+from vitlab.commands.evaluate import class_mapping
+from vitlab.datasets import load_data
+from vitlab.report import plot_confusion
+
+
+def _folder(root: Path, names: dict[str, str], per_class: int = 6) -> int:
+    """Fashion-MNIST test images of the model's classes ``names`` (model name: folder name) under ``root``."""
+    data = load_data("fashion-mnist", limit=200)
+    assert data.test is not None
+    written = dict.fromkeys(names, 0)
+    for image, label in zip(data.test.images, data.test.labels, strict=True):
+        name = data.test.class_names[int(label)]
+        if name in names and written[name] < per_class:
+            (root / names[name]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy(), mode="L").save(root / names[name] / f"{written[name]}.png")
+            written[name] += 1
+    return sum(written.values())
+
+
+def _last_json(stdout: str) -> dict[str, object]:
+    result: dict[str, object] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_split_all_scores_every_image_of_a_class_folder_set(fitted_grey_model: Path, tmp_path: Path) -> None:
+    total = _folder(tmp_path, {"Trouser": "Trouser", "Bag": "Bag", "Sandal": "Sandal"})
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "all", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _last_json(r.stdout)["n"] == total == 18
+    carved = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--json")  # the default: test
+    assert carved.returncode == 0, carved.stderr
+    assert _last_json(carved.stdout)["n"] == 3  # 10% of 6 per class, rounded half up: one each
+    assert "not an official test split" in carved.stderr  # said, not silently a tenth of the folder
+
+
+def test_a_lone_val_folder_is_evaluated(fitted_grey_model: Path, tmp_path: Path) -> None:
+    total = _folder(tmp_path / "val", {"Coat": "Coat", "Dress": "Dress"}, per_class=4)
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "val", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _last_json(r.stdout)["n"] == total == 8
+
+
+def test_partly_matching_class_names_are_refused(fitted_grey_model: Path, tmp_path: Path) -> None:
+    _folder(tmp_path, {"Trouser": "Trouser", "T-shirt/top": "T-shirt-top"})
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "all")
+    assert r.returncode == 2
+    assert "'T-shirt-top'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_batch_size_is_named(fitted_grey_model: Path) -> None:
+    for size in ("0", "-1"):
+        r = run("evaluate", str(fitted_grey_model), "--data", "fashion-mnist", "--limit", "20", "--batch-size", size)
+        assert r.returncode == 2 and "--batch-size must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_class_mapping_by_name_in_order_or_refused() -> None:
+    assert class_mapping(["a", "b", "c"], ["c", "a"], 3) == [2, 0]
+    assert class_mapping(["tench", "goldfish"], ["n01", "n02"], 2) == [0, 1]  # no name matches: in order
+    assert class_mapping(None, ["x", "y"], 2) == [0, 1]
+    with pytest.raises(ValueError, match="'d'.*not among"):
+        class_mapping(["a", "b", "c"], ["a", "d"], 3)
+    with pytest.raises(ValueError, match="in order.*dataset has 2, the model 3"):
+        class_mapping(None, ["x", "y"], 3)
+    with pytest.raises(ValueError, match="none of the dataset's class names"):
+        class_mapping(["a", "b", "c"], ["x", "y"], 3)
+
+
+def test_confusion_figure_of_many_classes_stays_a_picture(tmp_path: Path) -> None:
+    k = 300
+    confusion = [[5 if i == j else 0 for j in range(k)] for i in range(k)]
+    path = plot_confusion(confusion, [f"class {i}" for i in range(k)], tmp_path / "confusion.png")
+    with Image.open(path) as im:
+        assert max(im.size) < 2500  # 0.55 inch a class would be ~18,000 pixels a side
