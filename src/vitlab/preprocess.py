@@ -1,9 +1,11 @@
 """Image files to model inputs, with the checkpoint's own preprocessing.
 
 Every PIL mode becomes what the model expects: greyscale models get luma ("L"; 16-bit images scaled, not
-clipped), RGB models get RGB (alpha dropped, palettes and CMYK converted). EXIF orientation is applied.
-Decompression bombs (more pixels than PIL's limit) are refused. Resizing keeps the aspect ratio: the
-image is scaled to cover ``image_size / crop_pct`` and centre-cropped to ``image_size``.
+clipped), RGB models get RGB (palettes and CMYK converted). Transparent pixels are composited on white, as
+training's loader does, so that a file looks the same to training and to prediction. EXIF orientation is
+applied. Decompression bombs (more pixels than PIL's limit) are refused; any other failure to decode or orient
+a file is an :class:`ImageReadError` that names it. Resizing keeps the aspect ratio: the image is scaled to
+cover ``image_size / crop_pct`` and centre-cropped to ``image_size``.
 """
 
 from __future__ import annotations
@@ -48,22 +50,36 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"refused as a possible decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError("not an image (unknown or unreadable format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"cannot decode ({e})") from None
+    except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, struct.error in EXIF...)
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        reason = f"{kind}: {e}" if str(e) else kind  # "struct.error: ...", not a bare "error: ..."
+        raise ImageReadError(f"cannot decode ({reason})") from None
+
+
+def flatten_alpha(im: Image.Image) -> Image.Image:
+    """An image with transparency (LA, La, PA, RGBA, RGBa, P with a transparent colour) as "L" or "RGB",
+    composited on a white background; an image of any other mode is returned unchanged."""
+    if im.mode == "PA" or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode in ("La", "RGBa"):  # premultiplied alpha: undo it before compositing
+        im = im.convert(im.mode.upper())
+    if im.mode not in ("LA", "RGBA"):
+        return im
+    colour = im.mode[:-1]
+    background = Image.new(colour, im.size, "white")  # not 255: for "RGB" that packed int is red
+    background.paste(im.convert(colour), mask=im.getchannel("A"))
+    return background
 
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3)."""
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3), transparency composited on white."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if im.mode == "F" and arr.max() <= 1.0:
             top = 1.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("LA", "La"):
-        im = im.getchannel(0)
+    im = flatten_alpha(im)
     if channels == 1:
         return im if im.mode == "L" else im.convert("RGB").convert("L")
     return im if im.mode == "RGB" else im.convert("RGB")
@@ -95,7 +111,8 @@ def load_for_model(path: str | Path, pre: Preprocessing, channels: int) -> Tenso
 def expand_inputs(items: list[str]) -> list[Path]:
     """Files, folders (their image files, recursively, sorted) and glob patterns, in the order given.
 
-    A name that matches nothing is kept, so that it is reported as missing."""
+    A name that matches nothing is kept, so that it is reported as missing; a folder with no image files gives
+    nothing."""
     import glob
 
     out: list[Path] = []

@@ -14,7 +14,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="classify image files, folders or globs")
     p.add_argument("source", help="a checkpoint: vitlab run folder, file, registry name or URL")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument("--top-k", type=int, default=None, help="classes to show per image (default 5, or all if fewer)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="JSON Lines: one object per input")
     p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
@@ -27,10 +27,11 @@ def run(args: argparse.Namespace) -> int:
 
     from vitlab.checkpoint import from_pretrained
     from vitlab.evaluate import normalize
-    from vitlab.preprocess import ImageReadError, expand_inputs, load_for_model
+    from vitlab.preprocess import IMAGE_SUFFIXES, ImageReadError, expand_inputs, load_for_model
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    for name in ("top_k", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if args.onnx:
         from vitlab.export import load_onnx
@@ -45,10 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to predict")
     pre, channels = model.preprocessing, model.config.in_channels
     names = model.class_names
-    k = min(args.top_k, model.config.num_classes or 1)
-    paths = expand_inputs(args.inputs)
-    if not paths:
-        raise ValueError("no input images given")
+    classes = model.config.num_classes
+    if args.top_k is not None and args.top_k > classes:
+        raise ValueError(f"--top-k {args.top_k} is more than the {classes} classes of {args.source}")
+    k = args.top_k or min(5, classes)
+    inputs: list[tuple[str, str]] = []  # (path, why it cannot be predicted, if known before opening it)
+    for item in args.inputs:
+        found = [(str(path), "") for path in expand_inputs([item])]  # nothing only for a folder without images
+        inputs += found or [(item, f"no image files in folder (looked for {', '.join(IMAGE_SUFFIXES)})")]
     failed = 0
     results: list[dict[str, Any]] = []
 
@@ -79,16 +84,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['path']}\t{shown}")
 
     pending: list[tuple[str, Any]] = []
-    for path in paths:
-        try:
-            pending.append((str(path), load_for_model(path, pre, channels)))
-        except ImageReadError as e:
+    for path, error in inputs:
+        if not error:
+            try:
+                pending.append((path, load_for_model(path, pre, channels)))
+            except ImageReadError as e:
+                error = str(e)
+        if error:
             flush(pending)  # keep the output in input order
             failed += 1
-            emit({"path": str(path), "error": str(e)})
+            emit({"path": path, "error": error})
         if len(pending) >= args.batch_size:
             flush(pending)
     flush(pending)
     if failed:
-        print(f"{failed} of {len(paths)} input(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {len(inputs)} input(s) could not be read", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
