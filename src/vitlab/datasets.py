@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.config import Preprocessing
-from vitlab.preprocess import resize_crop, to_mode
+from vitlab.preprocess import flatten_alpha, resize_crop, to_mode
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -545,13 +545,7 @@ def _to_array(im: Image.Image) -> np.ndarray:
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if im.mode == "1":
         im = im.convert("L")
-    if im.mode in ("P", "PA"):
-        im = im.convert("RGBA")
-    if im.mode in ("LA", "La", "RGBA", "RGBa"):
-        colour = "L" if im.mode in ("LA", "La") else "RGB"
-        background = Image.new(colour, im.size, 255)
-        background.paste(im.convert(colour), mask=im.getchannel("A"))
-        im = background
+    im = flatten_alpha(im)
     if im.mode not in ("L", "RGB"):
         im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX...
     return np.asarray(im, dtype=np.uint8)

@@ -425,6 +425,20 @@ def test_mixed_pil_modes_give_the_same_pixels(tmp_path: Path) -> None:
         torch.testing.assert_close(grey_only.train.images[i, 0], torch.from_numpy(grey), atol=1, rtol=0)
 
 
+def test_transparency_is_white_in_training_as_in_prediction(tmp_path: Path) -> None:
+    from vitlab.config import Preprocessing
+    from vitlab.preprocess import load_for_model
+
+    rgba = np.zeros((6, 8, 4), dtype=np.uint8)  # black, fully transparent on the left half, opaque on the right
+    rgba[:, 4:, 3] = 255
+    path = _save(tmp_path / "a" / "icon.png", rgba)
+    _save(tmp_path / "b" / "other.png", np.zeros((6, 8, 3), dtype=np.uint8))
+    loaded = load_data(str(tmp_path), val_fraction=0.0).train.images[0]  # class "a" first
+    assert loaded[:, :, :4].eq(255).all() and loaded[:, :, 4:].eq(0).all()  # white, not red (255, 0, 0)
+    predicted = load_for_model(path, Preprocessing(image_size=(6, 8)), channels=3)
+    assert torch.equal(loaded, predicted)
+
+
 def test_all_grey_folder_defaults_to_one_channel_and_resizes(tmp_path: Path) -> None:
     _make_classes(tmp_path, {"a": 3, "b": 3}, h=10, w=10)
     splits = load_data(str(tmp_path), val_fraction=0.0, image_size=5)
