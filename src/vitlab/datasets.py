@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.config import Preprocessing
-from vitlab.preprocess import flatten_alpha, resize_crop, to_mode
+from vitlab.preprocess import cover_size, flatten_alpha, resize_crop, to_mode
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -134,10 +134,11 @@ def load_data(
     are the sorted folder names of ``train/``. Folder images default to 1 channel if every file is greyscale by its
     PIL mode, else 3, and to the images' common size (differing sizes need ``image_size``).
 
-    ``preprocessing`` (a checkpoint's :class:`~vitlab.config.Preprocessing`) makes folder images go through what
+    ``preprocessing`` (a checkpoint's :class:`~vitlab.config.Preprocessing`) makes images go through what
     ``vitlab predict`` does to a file: mode conversion, resize to cover ``image_size / crop_pct`` with the
-    checkpoint's interpolation, centre crop to its ``image_size``. Without it, images of another size than
-    ``image_size`` are resized (bicubic) to cover it and centre-cropped: the same with ``crop_pct`` 1.
+    checkpoint's interpolation, centre crop to its ``image_size`` (for a named dataset, the same on tensors,
+    within a level or two of PIL's kernels). Without it, images of another size than ``image_size`` are resized
+    (bicubic) to cover it and centre-cropped: the same with ``crop_pct`` 1.
 
     ``splits`` names the splits to decode and convert (default all three); the others come back without images
     but carved exactly as in a full load, so evaluating one split of a large folder or at a checkpoint's
@@ -162,7 +163,7 @@ def load_data(
 
         def convert(split: ImageTensors, name: str) -> ImageTensors:  # after limit: quick runs resize few images
             kept = split if name in wanted else split.subset(torch.zeros(0, dtype=torch.long))
-            return _convert_tensors(kept, channels, size)
+            return _convert_tensors(kept, channels, size, preprocessing)
 
         return dataclasses.replace(
             carved,
@@ -486,8 +487,12 @@ def _size_pair(image_size: int | tuple[int, int] | None) -> tuple[int, int] | No
     raise DataError(f"image_size must be a positive int or (height, width), got {image_size!r}")
 
 
-def _convert_tensors(data: ImageTensors, channels: int | None, size: tuple[int, int] | None) -> ImageTensors:
-    """Change a whole uint8 (N, C, H, W) tensor's channel count (luma or replication) and size (bicubic)."""
+def _convert_tensors(
+    data: ImageTensors, channels: int | None, size: tuple[int, int] | None, pre: Preprocessing | None = None
+) -> ImageTensors:
+    """Change a whole uint8 (N, C, H, W) tensor's channel count (luma or replication) and size: bicubic to
+    ``size``, or with ``pre`` as a checkpoint says (cover ``image_size / crop_pct`` with its interpolation, then
+    centre-crop), the tensor counterpart of what ``vitlab predict`` does to a file."""
     images = data.images
     if channels is not None and channels != images.shape[1]:
         if channels == 3:
@@ -495,13 +500,18 @@ def _convert_tensors(data: ImageTensors, channels: int | None, size: tuple[int, 
         else:  # ITU-R 601-2 luma, as PIL's convert("L")
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
             images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    if size is not None and tuple(images.shape[2:]) != size:
+    if pre is None and size is not None:
+        pre = Preprocessing(image_size=size, mean=(0.5,), std=(0.5,))  # bicubic, crop_pct 1
+    if pre is not None and tuple(images.shape[2:]) != pre.image_size:
+        (h, w), (nh, nw) = pre.image_size, cover_size(images.shape[2], images.shape[3], pre)
+        top, left = (nh - h) // 2, (nw - w) // 2
+        smooth = {"antialias": True, "align_corners": False} if pre.interpolation != "nearest" else {}
         chunks = []
         for start in range(0, images.shape[0], _RESIZE_CHUNK):
             x = images[start : start + _RESIZE_CHUNK].float()
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(nh, nw), mode=pre.interpolation, **smooth)[..., top : top + h, left : left + w]
             chunks.append(x.round().clamp(0, 255).to(torch.uint8))
-        images = torch.cat(chunks) if chunks else images.new_zeros((0, images.shape[1], *size))
+        images = torch.cat(chunks) if chunks else images.new_zeros((0, images.shape[1], h, w))
     return ImageTensors(images, data.labels, data.class_names)
 
 

@@ -85,10 +85,16 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def cover_size(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
+    """The size an image of ``height`` x ``width`` is resized to (aspect kept) before the centre crop."""
+    h, w = pre.image_size
+    cover = max(h / pre.crop_pct / height, w / pre.crop_pct / width)
+    return max(h, math.ceil(height * cover - 1e-6)), max(w, math.ceil(width * cover - 1e-6))
+
+
 def resize_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
     h, w = pre.image_size
-    cover = max(h / pre.crop_pct / im.height, w / pre.crop_pct / im.width)
-    nh, nw = max(h, math.ceil(im.height * cover - 1e-6)), max(w, math.ceil(im.width * cover - 1e-6))
+    nh, nw = cover_size(im.height, im.width, pre)
     if (nh, nw) != (im.height, im.width):
         im = im.resize((nw, nh), _INTERPOLATION[pre.interpolation])
     top, left = (nh - h) // 2, (nw - w) // 2

@@ -107,8 +107,11 @@ def test_fashion_mnist_limit_channels_and_size(fashion: DataSplits) -> None:
     assert torch.equal(small.train.images[:, 0], small.train.images[:, 2])  # grey replicated
     native = load_data("fashion-mnist", limit=1000)
     assert native.train.images.shape == (900, 1, 28, 28)
+    square = load_data("fashion-mnist", limit=1000, image_size=32)
     # resizing is a smooth bicubic: the mean brightness barely moves
-    assert abs(native.train.images.float().mean() - small.train.images.float().mean()) < 2.0
+    assert abs(native.train.images.float().mean() - square.train.images.float().mean()) < 2.0
+    # another aspect ratio: resized to cover it, aspect kept, then centre-cropped (as folders and predict do)
+    assert torch.equal(small.train.images[:, :1], square.train.images[..., 4:28])
 
 
 @needs_fashion
@@ -120,6 +123,25 @@ def test_named_dataset_converts_only_the_splits_asked_for() -> None:
     assert only.train.images.shape == (0, 1, 32, 32) and only.val.images.shape == (0, 1, 32, 32)
     with pytest.raises(DataError, match="splits must be"):
         load_data("fashion-mnist", splits=("dev",))
+
+
+@needs_fashion
+def test_named_dataset_with_a_checkpoints_preprocessing_matches_predict() -> None:
+    from vitlab.config import Preprocessing
+    from vitlab.preprocess import resize_crop
+
+    raw = load_data("fashion-mnist", limit=20, splits=("test",)).test
+    pre = Preprocessing(image_size=56, mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=0.875)
+    resized = load_data("fashion-mnist", limit=20, splits=("test",), image_size=56, preprocessing=pre).test
+    assert raw is not None and resized is not None and resized.images.shape == (20, 1, 56, 56)
+    files = torch.stack(
+        [torch.from_numpy(np.array(resize_crop(Image.fromarray(im[0].numpy()), pre))) for im in raw.images]
+    )
+    assert (
+        resized.images[:, 0].float() - files.float()
+    ).abs().mean() < 1.5  # PIL's and torch's kernels differ a little
+    uncropped = load_data("fashion-mnist", limit=20, splits=("test",), image_size=56).test
+    assert uncropped is not None and (uncropped.images[:, 0].float() - files.float()).abs().mean() > 5
 
 
 @needs_fashion
