@@ -68,9 +68,9 @@ def test_class_mapping_by_name_in_order_or_refused() -> None:
     assert class_mapping(["a", "b", "c"], ["c", "a"], 3) == [2, 0]
     assert class_mapping(["tench", "goldfish"], ["n01", "n02"], 2) == [0, 1]  # no name matches: in order
     assert class_mapping(None, ["x", "y"], 2) == [0, 1]
-    with pytest.raises(ValueError, match="'d'.*not among"):
+    with pytest.raises(ValueError, match=r"'d'.*not among"):
         class_mapping(["a", "b", "c"], ["a", "d"], 3)
-    with pytest.raises(ValueError, match="in order.*dataset has 2, the model 3"):
+    with pytest.raises(ValueError, match=r"in order.*dataset has 2, the model 3"):
         class_mapping(None, ["x", "y"], 3)
     with pytest.raises(ValueError, match="none of the dataset's class names"):
         class_mapping(["a", "b", "c"], ["x", "y"], 3)
