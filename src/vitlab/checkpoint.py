@@ -332,7 +332,8 @@ def load_hf_dir(directory: Path, overrides: Mapping[str, Any]) -> Checkpoint:
     formats.check_hf_config(hf)
     sd = _read_hf_weights(directory)
     state, config, names = formats.from_hf(sd, hf, overrides)
-    pre = Preprocessing.for_config(config)
+    # ViTImageProcessor's defaults: resize straight to the size (no crop), bilinear, pixels to [-1, 1]
+    pre = Preprocessing.for_config(config, crop_mode="squash", interpolation="bilinear")
     pre_path = directory / "preprocessor_config.json"
     if pre_path.is_file():
         pre = _hf_preprocessing(pre_path, pre)
@@ -380,7 +381,10 @@ def load_state_dict_file(path: Path, overrides: Mapping[str, Any]) -> Checkpoint
     """A single weights file: Google/big_vision ``.npz``, or a timm / torchvision / HF state dict."""
     if path.suffix == ".npz":
         state, config, layout = formats.from_jax(read_npz(path), overrides)
-        return Checkpoint(state, config, Preprocessing.for_config(config), None, layout)
+        # big_vision and vision_transformer evaluate with tf.image.resize straight to the size (bilinear, no crop);
+        # PIL's bilinear filter is not TF's when shrinking, the geometry is theirs
+        pre = Preprocessing.for_config(config, crop_mode="squash", interpolation="bilinear")
+        return Checkpoint(state, config, pre, None, layout)
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise CheckpointError(
             f"unknown checkpoint type {path.name!r}: expected a directory (vitlab, HF transformers or timm) or a file "
@@ -458,6 +462,8 @@ def load_timm_dir(path: Path, overrides: Mapping[str, Any], meta: Mapping[str, A
         changes["interpolation"] = pcfg["interpolation"]
     if pcfg.get("crop_pct"):
         changes["crop_pct"] = float(pcfg["crop_pct"])
+    if pcfg.get("crop_mode") in ("center", "squash"):  # timm's "border" (pad to fit) is not one of vitlab's
+        changes["crop_mode"] = pcfg["crop_mode"]
     try:
         pre = pre.replace(**changes)
     except ValueError as e:
@@ -617,6 +623,7 @@ def save_timm(model: ViT, directory: str | Path) -> Path:
                 "mean": list(pre.mean),
                 "std": list(pre.std),
                 "crop_pct": pre.crop_pct,
+                "crop_mode": pre.crop_mode,
                 "num_classes": c.num_classes,
                 "first_conv": "patch_embed.proj",
                 "classifier": "head",
@@ -628,7 +635,8 @@ def save_timm(model: ViT, directory: str | Path) -> Path:
 
 def save_hf(model: ViT, directory: str | Path) -> Path:
     """Write an HF transformers ``ViTForImageClassification`` directory (config.json + model.safetensors +
-    preprocessor_config.json)."""
+    preprocessor_config.json). HF's ViTImageProcessor only resizes straight to the size: a centre-crop
+    preprocessing (``crop_mode="center"`` or ``crop_pct`` < 1) cannot be written and becomes that."""
     from safetensors.torch import save_file
 
     c = model.config

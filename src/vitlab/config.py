@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 PosEmbed = Literal["learned", "learned_2d", "sincos_2d", "relative", "none"]
 Pool = Literal["token", "gap"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+CropMode = Literal["center", "squash"]
 
 POS_EMBED_CHOICES: tuple[str, ...] = get_args(PosEmbed)
 POOL_CHOICES: tuple[str, ...] = get_args(Pool)
@@ -202,9 +203,12 @@ def preset_names(patches: tuple[int, ...] = (32, 16, 14, 8, 4)) -> list[str]:
 class Preprocessing:
     """What a checkpoint expects of its input: resize, centre crop, then (x - mean) / std per channel.
 
-    ``crop_pct`` is the fraction of the resized image kept by the centre crop (1.0: resize straight to
-    ``image_size``; 0.875: resize the short side to ``image_size / 0.875`` then crop). Google's checkpoints
-    expect pixels in [-1, 1] (mean = std = 0.5); torchvision's and many timm weights use ImageNet statistics.
+    The resize target is ``floor(image_size / crop_pct)`` per side, as timm computes it (0.875 at 224: 256).
+    ``crop_mode="center"`` (timm's and torchvision's evaluation transforms) resizes keeping the aspect ratio,
+    the short side to that target, then centre-crops ``image_size``; ``"squash"`` (HF's image processors, Google's
+    big_vision) resizes both sides to it, aspect not kept, so with ``crop_pct`` 1 the whole picture is scaled
+    straight to ``image_size``. Google's checkpoints expect pixels in [-1, 1] (mean = std = 0.5); torchvision's
+    and many timm weights use ImageNet statistics.
     """
 
     image_size: _ImageSize = _ImageSize((224, 224))
@@ -212,6 +216,7 @@ class Preprocessing:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     interpolation: Interpolation = "bicubic"
     crop_pct: float = 1.0
+    crop_mode: CropMode = "center"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -224,6 +229,8 @@ class Preprocessing:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {list(get_args(Interpolation))}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.crop_mode not in get_args(CropMode):
+            raise ValueError(f"crop_mode {self.crop_mode!r} is not one of {list(get_args(CropMode))}")
 
     @classmethod
     def for_config(cls, config: ViTConfig, **changes: Any) -> Preprocessing:
@@ -244,6 +251,7 @@ class Preprocessing:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
         }
 
     @classmethod

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.config import Preprocessing
-from vitlab.preprocess import cover_size, flatten_alpha, resize_crop, to_mode
+from vitlab.preprocess import crop_offsets, flatten_alpha, resize_crop, resized_size, to_mode
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -491,8 +491,8 @@ def _convert_tensors(
     data: ImageTensors, channels: int | None, size: tuple[int, int] | None, pre: Preprocessing | None = None
 ) -> ImageTensors:
     """Change a whole uint8 (N, C, H, W) tensor's channel count (luma or replication) and size: bicubic to
-    ``size``, or with ``pre`` as a checkpoint says (cover ``image_size / crop_pct`` with its interpolation, then
-    centre-crop), the tensor counterpart of what ``vitlab predict`` does to a file."""
+    ``size``, or with ``pre`` as a checkpoint says (resize as its crop mode and ``crop_pct`` say with its
+    interpolation, then centre-crop), the tensor counterpart of what ``vitlab predict`` does to a file."""
     images = data.images
     if channels is not None and channels != images.shape[1]:
         if channels == 3:
@@ -503,8 +503,8 @@ def _convert_tensors(
     if pre is None and size is not None:
         pre = Preprocessing(image_size=size, mean=(0.5,), std=(0.5,))  # bicubic, crop_pct 1
     if pre is not None and tuple(images.shape[2:]) != pre.image_size:
-        (h, w), (nh, nw) = pre.image_size, cover_size(images.shape[2], images.shape[3], pre)
-        top, left = (nh - h) // 2, (nw - w) // 2
+        (h, w), (nh, nw) = pre.image_size, resized_size(images.shape[2], images.shape[3], pre)
+        top, left = crop_offsets(nh, nw, pre)
         smooth = {"antialias": True, "align_corners": False} if pre.interpolation != "nearest" else {}
         chunks = []
         for start in range(0, images.shape[0], _RESIZE_CHUNK):

@@ -103,7 +103,7 @@ def export_metadata(model: ViT, *, opset: int, exporter: Exporter, quantization:
         "format": FORMAT_TAG,
         "format_version": FORMAT_VERSION,
         "vitlab_version": __version__,
-        **pre.to_dict(),  # image_size, mean, std, interpolation, crop_pct
+        **pre.to_dict(),  # image_size, mean, std, interpolation, crop_pct, crop_mode
         "class_names": model.class_names,
         "in_channels": c.in_channels,
         "num_classes": c.num_classes,
@@ -365,7 +365,10 @@ class OnnxClassifier:
         try:
             self.config = ViTConfig.from_dict(metadata["architecture"])
             self.preprocessing = Preprocessing.from_dict(
-                {k: metadata[k] for k in ("image_size", "mean", "std", "interpolation", "crop_pct")}
+                {
+                    **{k: metadata[k] for k in ("image_size", "mean", "std", "interpolation", "crop_pct")},
+                    "crop_mode": metadata.get("crop_mode", "center"),  # exports before crop_mode: center
+                }
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"{path}: invalid vitlab export metadata: {e}") from e

@@ -4,8 +4,11 @@ Every PIL mode becomes what the model expects: greyscale models get luma ("L"; 1
 clipped), RGB models get RGB (palettes and CMYK converted). Transparent pixels are composited on white, as
 training's loader does, so that a file looks the same to training and to prediction. EXIF orientation is
 applied. Decompression bombs (more pixels than PIL's limit) are refused; any other failure to decode or orient
-a file is an :class:`ImageReadError` that names it. Resizing keeps the aspect ratio: the image is scaled to
-cover ``image_size / crop_pct`` and centre-cropped to ``image_size``.
+a file is an :class:`ImageReadError` that names it. Resizing and cropping follow the checkpoint's
+:class:`~vitlab.config.Preprocessing` with the arithmetic of the library it came from: timm's and torchvision's
+evaluation transforms (``crop_mode="center"``: short side to ``floor(image_size / crop_pct)``, centre crop) or
+HF's image processors (``"squash"``: both sides straight to the size), on PIL images with PIL's filters, as
+they do.
 """
 
 from __future__ import annotations
@@ -85,19 +88,32 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def cover_size(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
-    """The size an image of ``height`` x ``width`` is resized to (aspect kept) before the centre crop."""
+def resized_size(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
+    """(height, width) an image of ``height`` x ``width`` is resized to before the centre crop: timm's evaluation
+    arithmetic (``floor(image_size / crop_pct)``; "center": torchvision's short-side resize, the long side
+    truncated; "squash": both sides to it)."""
+    h, w = (math.floor(side / pre.crop_pct + 1e-6) for side in pre.image_size)  # 1e-6: 224 / (224 / 242) is 242
+    if pre.crop_mode == "squash":
+        return h, w
+    if h == w:  # torchvision's Resize(int): the short side to h
+        return (h, int(h * width / height)) if height <= width else (int(h * height / width), h)
+    scale = max(h / height, w / width)  # another aspect ratio: cover both sides
+    return max(h, int(height * scale)), max(w, int(width * scale))
+
+
+def crop_offsets(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
+    """(top, left) of the centre crop of ``image_size`` from a ``height`` x ``width`` image (torchvision's
+    CenterCrop rounding)."""
     h, w = pre.image_size
-    cover = max(h / pre.crop_pct / height, w / pre.crop_pct / width)
-    return max(h, math.ceil(height * cover - 1e-6)), max(w, math.ceil(width * cover - 1e-6))
+    return round((height - h) / 2.0), round((width - w) / 2.0)  # half to even, as Python rounds
 
 
 def resize_crop(im: Image.Image, pre: Preprocessing) -> Image.Image:
     h, w = pre.image_size
-    nh, nw = cover_size(im.height, im.width, pre)
+    nh, nw = resized_size(im.height, im.width, pre)
     if (nh, nw) != (im.height, im.width):
         im = im.resize((nw, nh), _INTERPOLATION[pre.interpolation])
-    top, left = (nh - h) // 2, (nw - w) // 2
+    top, left = crop_offsets(nh, nw, pre)
     return im.crop((left, top, left + w, top + h))
 
 
