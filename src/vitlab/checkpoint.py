@@ -13,6 +13,7 @@ or channel count is a pure function over state dicts, :func:`adapt_state_dict`. 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -369,9 +370,17 @@ def _hf_preprocessing(path: Path, default: Preprocessing) -> Preprocessing:
         if isinstance(size, dict) and "height" in size:
             changes["image_size"] = (int(size["height"]), int(size["width"]))
         elif isinstance(size, int):
-            changes["image_size"] = size
+            changes["image_size"] = (size, size)
         if meta.get("resample") in _HF_RESAMPLE:
             changes["interpolation"] = _HF_RESAMPLE[meta["resample"]]
+        crop = meta.get("crop_size") if meta.get("do_center_crop") else None
+        if crop is not None:  # DeiT's processor: resize to `size`, then centre-crop `crop_size`
+            crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
+            resized = changes.get("image_size", default.image_size)
+            crop_pct = crop_hw[0] / resized[0]
+            if any(math.floor(c / crop_pct + 1e-6) != r for c, r in zip(crop_hw, resized, strict=True)):
+                raise ValueError(f"crop_size {crop_hw} is not one fraction of size {resized} on both sides")
+            changes.update(image_size=crop_hw, crop_pct=crop_pct)
         return default.replace(**changes)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid HF image-processor config: {e}") from e
@@ -635,8 +644,9 @@ def save_timm(model: ViT, directory: str | Path) -> Path:
 
 def save_hf(model: ViT, directory: str | Path) -> Path:
     """Write an HF transformers ``ViTForImageClassification`` directory (config.json + model.safetensors +
-    preprocessor_config.json). HF's ViTImageProcessor only resizes straight to the size: a centre-crop
-    preprocessing (``crop_mode="center"`` or ``crop_pct`` < 1) cannot be written and becomes that."""
+    preprocessor_config.json). HF's ViTImageProcessor resizes straight to the size and never crops, so a model
+    whose preprocessing crops (``crop_mode="center"`` on non-square pictures, or ``crop_pct`` < 1) is written
+    with that straight resize, which is what HF, and vitlab reading the directory back, then apply."""
     from safetensors.torch import save_file
 
     c = model.config

@@ -245,14 +245,16 @@ class Preprocessing:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "image_size": list(self.image_size),
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
             "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
         }
+        if self.crop_mode != "center":  # the default is left out: vitlab before crop_mode still reads the file
+            d["crop_mode"] = self.crop_mode
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:

@@ -135,9 +135,9 @@ def load_data(
     PIL mode, else 3, and to the images' common size (differing sizes need ``image_size``).
 
     ``preprocessing`` (a checkpoint's :class:`~vitlab.config.Preprocessing`) makes images go through what
-    ``vitlab predict`` does to a file: mode conversion, resize to cover ``image_size / crop_pct`` with the
-    checkpoint's interpolation, centre crop to its ``image_size`` (for a named dataset, the same on tensors,
-    within a level or two of PIL's kernels). Without it, images of another size than ``image_size`` are resized
+    ``vitlab predict`` does to a file: mode conversion, resize as its ``crop_mode`` and ``crop_pct`` say with its
+    interpolation, centre crop to its ``image_size`` (for a named dataset, the same on tensors, within a level
+    or two of PIL's kernels). Without it, images of another size than ``image_size`` are resized
     (bicubic) to cover it and centre-cropped: the same with ``crop_pct`` 1.
 
     ``splits`` names the splits to decode and convert (default all three); the others come back without images
@@ -153,7 +153,7 @@ def load_data(
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1, 3 or None (keep the data's own), got {channels!r}")
     size = _size_pair(image_size)
-    wanted = frozenset(splits)
+    wanted = frozenset((splits,) if isinstance(splits, str) else splits)
     if not wanted or not wanted <= set(SPLITS):
         raise DataError(f"splits must be a non-empty selection of {', '.join(SPLITS)}, got {sorted(wanted)}")
 
@@ -502,15 +502,18 @@ def _convert_tensors(
             images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
     if pre is None and size is not None:
         pre = Preprocessing(image_size=size, mean=(0.5,), std=(0.5,))  # bicubic, crop_pct 1
-    if pre is not None and tuple(images.shape[2:]) != pre.image_size:
+    if pre is not None and (tuple(images.shape[2:]) != pre.image_size or pre.crop_pct < 1):
         (h, w), (nh, nw) = pre.image_size, resized_size(images.shape[2], images.shape[3], pre)
         top, left = crop_offsets(nh, nw, pre)
-        smooth = {"antialias": True, "align_corners": False} if pre.interpolation != "nearest" else {}
+        # "nearest-exact": PIL's pixel-centre rule (torch's "nearest" is not)
+        mode = "nearest-exact" if pre.interpolation == "nearest" else pre.interpolation
+        smooth = {"antialias": True, "align_corners": False} if mode != "nearest-exact" else {}
         chunks = []
         for start in range(0, images.shape[0], _RESIZE_CHUNK):
             x = images[start : start + _RESIZE_CHUNK].float()
-            x = F.interpolate(x, size=(nh, nw), mode=pre.interpolation, **smooth)[..., top : top + h, left : left + w]
-            chunks.append(x.round().clamp(0, 255).to(torch.uint8))
+            if (nh, nw) != tuple(x.shape[2:]):
+                x = F.interpolate(x, size=(nh, nw), mode=mode, **smooth)
+            chunks.append(x[..., top : top + h, left : left + w].round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(chunks) if chunks else images.new_zeros((0, images.shape[1], h, w))
     return ImageTensors(images, data.labels, data.class_names)
 
@@ -641,7 +644,8 @@ def _load_folder(
             )
         class_root = split_dirs["train"]
     elif split_dirs and "train" not in wanted and wanted <= split_dirs.keys():
-        class_root = split_dirs[min(wanted, key=SPLITS.index)]  # e.g. ImageNet's val/ alone, to evaluate on
+        split_dirs = {s: d for s, d in split_dirs.items() if s in wanted}  # e.g. ImageNet's val/ alone, to evaluate
+        class_root = split_dirs[min(wanted, key=SPLITS.index)]
     elif split_dirs:
         found = ", ".join(s + "/" for s in split_dirs)
         raise DataError(f"{root} has {found} but no train/ folder of class folders beside it")
@@ -689,8 +693,11 @@ def _load_folder(
             files = [paths[i] for i in part.images.tolist()]
             decoded[split] = _decode_all(files, part.labels.tolist(), size, skipped, pre, channels)
 
-    if "train" in wanted:
-        readable = {label for _, _, labels in decoded.values() for label in labels}
+    if "train" in wanted:  # every class needs a readable image among those of the training folder
+        from_train = (
+            {"train"} | ({"val"} if "val" not in listed else set()) | ({"test"} if "test" not in listed else set())
+        )
+        readable = {label for split in from_train & decoded.keys() for label in decoded[split][2]}
         unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]
         if unreadable:
             example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""

@@ -7,8 +7,8 @@ applied. Decompression bombs (more pixels than PIL's limit) are refused; any oth
 a file is an :class:`ImageReadError` that names it. Resizing and cropping follow the checkpoint's
 :class:`~vitlab.config.Preprocessing` with the arithmetic of the library it came from: timm's and torchvision's
 evaluation transforms (``crop_mode="center"``: short side to ``floor(image_size / crop_pct)``, centre crop) or
-HF's image processors (``"squash"``: both sides straight to the size), on PIL images with PIL's filters, as
-they do.
+HF's ViTImageProcessor (``"squash"``: both sides straight to the size; DeiT's processor then centre-crops),
+on PIL images with PIL's filters.
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def resized_size(height: int, width: int, pre: Preprocessing) -> tuple[int, int]
     h, w = (math.floor(side / pre.crop_pct + 1e-6) for side in pre.image_size)  # 1e-6: 224 / (224 / 242) is 242
     if pre.crop_mode == "squash":
         return h, w
-    if h == w:  # torchvision's Resize(int): the short side to h
+    if h == w:  # torchvision's Resize(int): the short side to h, the long one truncated
         return (h, int(h * width / height)) if height <= width else (int(h * height / width), h)
-    scale = max(h / height, w / width)  # another aspect ratio: cover both sides
-    return max(h, int(height * scale)), max(w, int(width * scale))
+    ratio = min(height / h, width / w)  # timm's ResizeKeepRatio for other aspect ratios: cover both, rounded
+    return round(height / ratio), round(width / ratio)
 
 
 def crop_offsets(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:

@@ -46,9 +46,10 @@ def test_split_all_scores_every_image_of_a_class_folder_set(fitted_grey_model: P
 
 def test_a_lone_val_folder_is_evaluated(fitted_grey_model: Path, tmp_path: Path) -> None:
     total = _folder(tmp_path / "val", {"Coat": "Coat", "Dress": "Dress"}, per_class=4)
-    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "val", "--json")
-    assert r.returncode == 0, r.stderr
-    assert _last_json(r.stdout)["n"] == total == 8
+    for split in ("val", "all"):
+        r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", split, "--json")
+        assert r.returncode == 0, r.stderr
+        assert _last_json(r.stdout)["n"] == total == 8
 
 
 def test_partly_matching_class_names_are_refused(fitted_grey_model: Path, tmp_path: Path) -> None:

@@ -142,6 +142,15 @@ def test_named_dataset_with_a_checkpoints_preprocessing_matches_predict() -> Non
     ).abs().mean() < 1.5  # PIL's and torch's kernels differ a little
     uncropped = load_data("fashion-mnist", limit=20, splits=("test",), image_size=56).test
     assert uncropped is not None and (uncropped.images[:, 0].float() - files.float()).abs().mean() > 5
+    for native in (  # the data's own size, still cropped; PIL's nearest-pixel rule
+        Preprocessing(image_size=28, mean=(0.5,), std=(0.5,), crop_pct=0.875),
+        Preprocessing(image_size=28, mean=(0.5,), std=(0.5,), crop_pct=0.7, interpolation="nearest"),
+    ):
+        same = load_data("fashion-mnist", limit=20, splits="test", image_size=28, preprocessing=native).test
+        files = torch.stack(
+            [torch.from_numpy(np.array(resize_crop(Image.fromarray(im[0].numpy()), native))) for im in raw.images]
+        )
+        assert same is not None and (same.images[:, 0].float() - files.float()).abs().mean() < 1.5
 
 
 @needs_fashion
@@ -404,15 +413,28 @@ def test_one_split_decodes_only_its_files_and_carves_as_a_full_load(
         assert len(only.train) == 0 and only.train.images.shape[1:] == want.images.shape[1:]
 
 
+def test_a_class_unreadable_in_train_is_refused_even_if_val_has_it(tmp_path: Path) -> None:
+    _make_classes(tmp_path / "train", {"a": 3})
+    (tmp_path / "train" / "b").mkdir()
+    (tmp_path / "train" / "b" / "broken.png").write_bytes(b"not a png")
+    _make_classes(tmp_path / "val", {"a": 1, "b": 2})
+    with pytest.raises(DataError, match=r"'b'.*no readable images"):
+        load_data(str(tmp_path))
+    assert load_data(str(tmp_path), splits="val").val.labels.tolist() == [0, 1, 1]  # scoring val alone is fine
+
+
 def test_a_lone_split_folder_can_be_loaded_but_not_trained_on(tmp_path: Path) -> None:
     _make_classes(tmp_path / "val", {"n01": 2, "n02": 3})  # ImageNet's layout for evaluation: val/ alone
+    _make_classes(tmp_path / "test", {"n01": 1, "other": 1})  # not asked for: not even listed
     only = load_data(str(tmp_path), splits=("val",))
     assert only.val.class_names == ["n01", "n02"] and only.val.labels.tolist() == [0, 0, 1, 1, 1]
     assert only.val.images.shape == (5, 1, 6, 8)
     with pytest.raises(DataError, match="no train/ folder"):
         load_data(str(tmp_path))
+    test = load_data(str(tmp_path), splits=("test",)).test  # its own classes, when asked for alone
+    assert test is not None and test.class_names == ["n01", "other"]
     with pytest.raises(DataError, match="no train/ folder"):
-        load_data(str(tmp_path), splits=("test",))
+        load_data(str(tmp_path), splits=("train",))
 
 
 def test_mixed_pil_modes_give_the_same_pixels(tmp_path: Path) -> None:

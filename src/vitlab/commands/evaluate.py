@@ -62,6 +62,16 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
     return list(range(len(data_names)))
 
 
+def _present_splits(spec: str) -> tuple[str, ...]:
+    """Every split of the data: all three, or the split folders of a folder without train/ (ImageNet's val/)."""
+    from vitlab.datasets import DATASETS, SPLITS
+
+    root = Path(spec).expanduser()
+    if spec not in DATASETS and root.is_dir() and not (root / "train").is_dir():
+        return tuple(s for s in SPLITS if (root / s).is_dir()) or SPLITS
+    return SPLITS
+
+
 def _run_config(source: Path) -> dict[str, Any]:
     path = source / "run_config.json"
     try:
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vitlab.checkpoint import from_pretrained
-    from vitlab.datasets import SPLITS, ImageTensors, load_data
+    from vitlab.datasets import ImageTensors, load_data
     from vitlab.evaluate import accuracy_metrics, predict_logits
 
     if args.batch_size < 1:
@@ -96,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         channels=model.config.in_channels,
         limit=args.limit if args.limit is not None else run.get("limit"),
         preprocessing=pre,  # folders: resize and centre-crop as the checkpoint says, as `vitlab predict` does
-        splits=SPLITS if args.split == "all" else (args.split,),  # decode and resize only what is evaluated
+        splits=_present_splits(args.data) if args.split == "all" else (args.split,),  # decode only what is scored
     )
     split: ImageTensors | None
     if args.split == "all":  # every image once: the splits partition the data
