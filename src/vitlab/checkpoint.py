@@ -367,16 +367,24 @@ def _hf_preprocessing(path: Path, default: Preprocessing) -> Preprocessing:
             changes["mean"] = tuple(meta["image_mean"])
             changes["std"] = tuple(meta["image_std"])
         size = meta.get("size")
-        if isinstance(size, dict) and "height" in size:
+        if isinstance(size, dict) and "shortest_edge" in size:  # short side to N (long side truncated), as timm
+            changes.update(image_size=(int(size["shortest_edge"]),) * 2, crop_mode="center")
+        elif isinstance(size, dict) and "height" in size:
             changes["image_size"] = (int(size["height"]), int(size["width"]))
         elif isinstance(size, int):
             changes["image_size"] = (size, size)
+        elif size is not None:
+            raise ValueError(f"size {size!r}: vitlab reads height/width, shortest_edge or an int")
         if meta.get("resample") in _HF_RESAMPLE:
             changes["interpolation"] = _HF_RESAMPLE[meta["resample"]]
-        crop = meta.get("crop_size") if meta.get("do_center_crop") else None
-        if crop is not None:  # DeiT's processor: resize to `size`, then centre-crop `crop_size`
+        # DeiT-style processors resize to `size`, then centre-crop `crop_size` (their default: do crop)
+        cropping = meta.get("do_center_crop", meta.get("image_processor_type") != "ViTImageProcessor")
+        crop = meta.get("crop_size") if cropping else None
+        if crop is not None:
             crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
             resized = changes.get("image_size", default.image_size)
+            if min(*crop_hw, *resized) < 1:
+                raise ValueError(f"crop_size {crop_hw} and size {resized} must be positive")
             crop_pct = crop_hw[0] / resized[0]
             if any(math.floor(c / crop_pct + 1e-6) != r for c, r in zip(crop_hw, resized, strict=True)):
                 raise ValueError(f"crop_size {crop_hw} is not one fraction of size {resized} on both sides")

@@ -530,16 +530,16 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and _visible(p))
 
 
-def _list_files(folder: Path, classes: list[str], split: str) -> tuple[list[Path], list[int]]:
-    """Every visible file below each class folder of ``folder``, with its class index."""
+def _list_files(folder: Path, classes: list[str], split: str, source: str) -> tuple[list[Path], list[int]]:
+    """Every visible file below each class folder of ``folder``, with its class index among those of ``source``."""
     index = {c: i for i, c in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
     for c in _class_folders(folder):
         if c not in index:
             raise DataError(
-                f"class folder {str(folder / c)!r} in {split}/ has no counterpart in train/; "
-                f"the training classes are {', '.join(classes)}"
+                f"class folder {str(folder / c)!r} in {split}/ has no counterpart in {source}/; "
+                f"the classes are {', '.join(classes)}"
             )
         files = sorted(p for p in (folder / c).rglob("*") if p.is_file() and _visible(p))
         paths += files
@@ -664,7 +664,7 @@ def _load_folder(
     paths: list[Path] = []
     listed: dict[str, ImageTensors] = {}
     for split, folder in split_dirs.items():
-        files, labels = _list_files(folder, classes, split)
+        files, labels = _list_files(folder, classes, split, class_root.name)
         if split == "train":
             counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
             empty = [classes[i] for i in np.flatnonzero(counts == 0)]

@@ -103,7 +103,7 @@ def export_metadata(model: ViT, *, opset: int, exporter: Exporter, quantization:
         "format": FORMAT_TAG,
         "format_version": FORMAT_VERSION,
         "vitlab_version": __version__,
-        **pre.to_dict(),  # image_size, mean, std, interpolation, crop_pct, crop_mode
+        **pre.to_dict(),  # image_size, mean, std, interpolation, crop_pct (crop_mode unless "center")
         "class_names": model.class_names,
         "in_channels": c.in_channels,
         "num_classes": c.num_classes,

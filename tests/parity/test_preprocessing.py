@@ -124,3 +124,29 @@ def test_crop_mode_is_saved_and_checked(tmp_path: Path) -> None:
     assert Preprocessing.from_dict(center.to_dict()) == center
     with pytest.raises(ValueError, match="crop_mode 'border' is not one of"):
         Preprocessing(crop_mode="border")  # type: ignore[arg-type]
+
+
+def test_hf_processor_configs_map_to_their_geometry(tmp_path: Path) -> None:
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
+
+    hf = HFConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    hf.patch_size, hf.num_labels = 8, 3
+    ViTForImageClassification(hf).save_pretrained(tmp_path)
+    config = tmp_path / "preprocessor_config.json"
+    cases = [  # (processor config, (crop_mode, image_size, crop_pct))
+        ({"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}, "do_center_crop": True},
+         ("center", (32, 32), 32 / 36)),  # short side to 36, centre crop: torchvision's geometry
+        ({"size": {"height": 36, "width": 36}, "crop_size": 32}, ("squash", (32, 32), 32 / 36)),  # crop by default
+        ({"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32}, "crop_size": 28},
+         ("squash", (32, 32), 1.0)),  # ViT's processor never crops
+    ]  # fmt: skip
+    for meta, want in cases:
+        config.write_text(json.dumps(meta))
+        pre = vitlab.from_pretrained(tmp_path).preprocessing
+        assert (pre.crop_mode, pre.image_size, pre.crop_pct) == want, meta
+    for bad, message in [({"size": {"height": 0, "width": 0}, "crop_size": 32}, "must be positive"),
+                         ({"size": {"longest_edge": 32}}, "shortest_edge")]:  # fmt: skip
+        config.write_text(json.dumps(bad))
+        with pytest.raises(vitlab.CheckpointError, match=message):
+            vitlab.from_pretrained(tmp_path)
