@@ -83,3 +83,39 @@ def test_confusion_figure_of_many_classes_stays_a_picture(tmp_path: Path) -> Non
     path = plot_confusion(confusion, [f"class {i}" for i in range(k)], tmp_path / "confusion.png")
     with Image.open(path) as im:
         assert max(im.size) < 2500  # 0.55 inch a class would be ~18,000 pixels a side
+
+
+def test_an_imported_hf_checkpoint_on_an_imagenet_style_val_folder(tmp_path: Path) -> None:
+    """ImageNet's layout (val/<wnid>/*.JPEG, sorted wnids = output order) scored with an HF directory whose
+    class names are readable ones: classes map in order, and the accuracy is the share of files whose top
+    prediction, from `vitlab predict` on the same files, is their folder's position."""
+    import numpy as np
+    import torch
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    hf = HFConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+    hf.patch_size, hf.num_labels = 8, 3
+    hf.id2label = {0: "tench", 1: "goldfish", 2: "great white shark"}
+    hf.label2id = {v: k for k, v in hf.id2label.items()}
+    torch.manual_seed(0)
+    ViTForImageClassification(hf).save_pretrained(tmp_path / "hf")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    rng = np.random.default_rng(0)
+    for i, wnid in enumerate(wnids):
+        (tmp_path / "imagenet" / "val" / wnid).mkdir(parents=True)
+        for j in range(4):  # non-square JPEGs, coloured per class
+            pixels = (
+                rng.integers(0, 256, (40 + 3 * j, 56, 3)) // 2 + np.array([120, 60, 0])[[i, (i + 1) % 3, (i + 2) % 3]]
+            )
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "imagenet" / "val" / wnid / f"{j}.JPEG")
+    r = run("evaluate", str(tmp_path / "hf"), "--data", str(tmp_path / "imagenet"), "--split", "val", "--json")
+    assert r.returncode == 0, r.stderr
+    result = _last_json(r.stdout)
+    assert result["n"] == 12 and set(result["per_class"]) == set(wnids)  # type: ignore[arg-type]
+    p = run("predict", str(tmp_path / "hf"), str(tmp_path / "imagenet" / "val"), "--json", "--top-k", "1")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    right = sum(row["predictions"][0]["index"] == wnids.index(Path(row["path"]).parent.name) for row in rows)
+    assert len(rows) == 12 and result["top1"] == pytest.approx(right / 12)
