@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -28,8 +29,8 @@ def _folder(root: Path, names: dict[str, str], per_class: int = 6) -> int:
     return sum(written.values())
 
 
-def _last_json(stdout: str) -> dict[str, object]:
-    result: dict[str, object] = json.loads(stdout.strip().splitlines()[-1])
+def _last_json(stdout: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return result
 
 
@@ -113,7 +114,7 @@ def test_an_imported_hf_checkpoint_on_an_imagenet_style_val_folder(tmp_path: Pat
     r = run("evaluate", str(tmp_path / "hf"), "--data", str(tmp_path / "imagenet"), "--split", "val", "--json")
     assert r.returncode == 0, r.stderr
     result = _last_json(r.stdout)
-    assert result["n"] == 12 and set(result["per_class"]) == set(wnids)  # type: ignore[arg-type]
+    assert result["n"] == 12 and set(result["per_class"]) == set(wnids)
     p = run("predict", str(tmp_path / "hf"), str(tmp_path / "imagenet" / "val"), "--json", "--top-k", "1")
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in p.stdout.splitlines()]
