@@ -13,7 +13,6 @@ or channel count is a pure function over state dicts, :func:`adapt_state_dict`. 
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from vitlab.config import Interpolation, PosEmbed, Preprocessing, ViTConfig, fie
 from vitlab.errors import CheckpointError
 from vitlab.io import atomic_write, atomic_write_json
 from vitlab.model import ViT
+from vitlab.preprocess import resize_target
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -385,10 +385,9 @@ def _hf_preprocessing(path: Path, default: Preprocessing) -> Preprocessing:
             resized = changes.get("image_size", default.image_size)
             if min(*crop_hw, *resized) < 1:
                 raise ValueError(f"crop_size {crop_hw} and size {resized} must be positive")
-            crop_pct = crop_hw[0] / resized[0]
-            if any(math.floor(c / crop_pct + 1e-6) != r for c, r in zip(crop_hw, resized, strict=True)):
+            changes.update(image_size=crop_hw, crop_pct=crop_hw[0] / resized[0])
+            if resize_target(default.replace(**changes)) != tuple(resized):
                 raise ValueError(f"crop_size {crop_hw} is not one fraction of size {resized} on both sides")
-            changes.update(image_size=crop_hw, crop_pct=crop_pct)
         return default.replace(**changes)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a valid HF image-processor config: {e}") from e

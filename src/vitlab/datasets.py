@@ -694,10 +694,8 @@ def _load_folder(
             decoded[split] = _decode_all(files, part.labels.tolist(), size, skipped, pre, channels)
 
     if "train" in wanted:  # every class needs a readable image among those of the training folder
-        from_train = (
-            {"train"} | ({"val"} if "val" not in listed else set()) | ({"test"} if "test" not in listed else set())
-        )
-        readable = {label for split in from_train & decoded.keys() for label in decoded[split][2]}
+        from_train = [s for s in decoded if s == "train" or s not in listed]  # val/test carved from train/
+        readable = {label for split in from_train for label in decoded[split][2]}
         unreadable = [repr(c) for i, c in enumerate(classes) if i not in readable]
         if unreadable:
             example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""

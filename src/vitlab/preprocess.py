@@ -88,11 +88,17 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def resize_target(pre: Preprocessing) -> tuple[int, int]:
+    """``floor(image_size / crop_pct)`` per side, as timm computes it (1e-6: 224 / (224 / 242) is 242)."""
+    h, w = pre.image_size
+    return math.floor(h / pre.crop_pct + 1e-6), math.floor(w / pre.crop_pct + 1e-6)
+
+
 def resized_size(height: int, width: int, pre: Preprocessing) -> tuple[int, int]:
     """(height, width) an image of ``height`` x ``width`` is resized to before the centre crop: timm's evaluation
     arithmetic (``floor(image_size / crop_pct)``; "center": torchvision's short-side resize, the long side
     truncated; "squash": both sides to it)."""
-    h, w = (math.floor(side / pre.crop_pct + 1e-6) for side in pre.image_size)  # 1e-6: 224 / (224 / 242) is 242
+    h, w = resize_target(pre)
     if pre.crop_mode == "squash":
         return h, w
     if h == w:  # torchvision's Resize(int): the short side to h, the long one truncated

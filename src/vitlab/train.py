@@ -372,9 +372,7 @@ def train(
     steps_per_epoch = max(1, micro_per_epoch // c.accum_steps)
     total = c.max_steps or max(1, math.ceil(c.epochs * steps_per_epoch))
     warmup = c.warmup_steps if c.warmup_steps is not None else round(c.warmup_epochs * steps_per_epoch)
-    if warmup >= total:
-        log(f"warm-up of {warmup} steps is not shorter than the run ({total} steps): using {total // 10}")
-        warmup = total // 10
+    warmup = _warmup_within(warmup, total, f"the run ({total} steps)", log)
     full_patch = round(c.full_patch_epochs * steps_per_epoch)  # the last steps, on every patch
     # a recipe's closing full-patch epochs are moot when a run drops no patches or is too short (a quick
     # --max-steps try): said, not refused, as for the warm-up
@@ -525,9 +523,7 @@ def train(
                 f"step {step}: {spent():.1f} of {c.time_budget:g} s spent, a step takes {1000 * step_cost:.0f} ms: "
                 f"{total} steps fit (was {before})"
             )
-        if warmup >= total:
-            log(f"warm-up of {warmup} steps is not shorter than the fitted run: using {total // 10}")
-            warmup = total // 10
+        warmup = _warmup_within(warmup, total, "the fitted run", log)
         bar_to_total()
 
     def bar_to_total() -> None:
@@ -740,6 +736,14 @@ def _check_kept_head(model: ViT, class_names: Sequence[str], source: str, log: C
             f"--keep-head: warning: {len(differ)} of {k} class names differ between {source} and the data, first "
             f"at index {i} ({model.class_names[i]!r} vs {class_names[i]!r}); outputs are kept by index"
         )
+
+
+def _warmup_within(warmup: int, total: int, run: str, log: Callable[[str], None]) -> int:
+    """The warm-up, or a tenth of ``run`` (said in the log) when it is not shorter than the run's ``total`` steps."""
+    if warmup < total:
+        return warmup
+    log(f"warm-up of {warmup} steps is not shorter than {run}: using {total // 10}")
+    return total // 10
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> float:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitlab.commands._args import require_positive
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("analyze", help="attention rollout, filters, position embeddings, attention distance")
@@ -59,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.analyze import analyze
     from vitlab.checkpoint import from_pretrained
 
-    for name in ("num_images", "num_samples", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "num_images", "num_samples", "batch_size")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} exists and is not a folder")

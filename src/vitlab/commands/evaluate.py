@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vitlab.commands._args import require_positive
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split")
@@ -88,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.datasets import ImageTensors, load_data
     from vitlab.evaluate import accuracy_metrics, predict_logits
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_positive(args, "batch_size")
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides).eval()
     if not model.config.num_classes:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from vitlab.commands._args import require_positive
+
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
@@ -29,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.evaluate import normalize
     from vitlab.preprocess import IMAGE_SUFFIXES, ImageReadError, expand_inputs, load_for_model
 
-    for name in ("top_k", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(args, "top_k", "batch_size")
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     if args.onnx:
         from vitlab.export import load_onnx
