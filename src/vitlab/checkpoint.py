@@ -99,6 +99,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             return dict(load_file(str(path), device="cpu"))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from e
+    _check_magic(path, (b"PK", b"\x80"), "a PyTorch file (zip archive or pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -107,8 +108,23 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"(only tensors are read, with torch.load(weights_only=True)). Details: {str(e).splitlines()[0]}"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read {path} as a PyTorch file (truncated or corrupt?): {e}") from e
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch file (truncated or corrupt?): {str(e) or type(e).__name__}"
+        ) from e
     return _unwrap(obj, path)
+
+
+def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:
+    """Refuse a file that does not start the way ``what`` does: corrupt, empty or another kind of file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    if not head.startswith(magics):
+        raise CheckpointError(f"{path} is not {what}: corrupt, or another kind of file")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -161,10 +177,13 @@ def read_config_json(directory: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------- timm layout -> ViTConfig
-def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) -> ViTConfig:
+def infer_timm_config(
+    sd: Mapping[str, Tensor], overrides: Mapping[str, Any], saved_size: tuple[int, int] | None = None
+) -> ViTConfig:
     """The architecture of a timm / vitlab-layout state dict, from its shapes and ``overrides``.
 
-    The head count cannot be read from the shapes: it must be in ``overrides``.
+    The head count cannot be read from the shapes: it must be in ``overrides``. ``saved_size``: the image size
+    the checkpoint's own metadata records (a timm folder's), which tells its patch grid.
     """
     if "fc_norm.weight" in sd:
         raise CheckpointError(
@@ -199,16 +218,17 @@ def infer_timm_config(sd: Mapping[str, Tensor], overrides: Mapping[str, Any]) ->
             "pos_embed='sincos_2d' or pos_embed='none' to from_pretrained to say which"
         )
     hint = formats.grid_hint(overrides.get("image_size"), p)
+    known = formats.grid_hint(saved_size, p)
     if kind == "learned":
         n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)
-        grid = pe.grid_from_tokens(n, hint)
+        grid = pe.grid_from_tokens(n, hint, known)
     elif kind == "learned_2d":
         grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
     elif kind == "relative":
         t = sd["blocks.0.attn.rel_pos"].shape
         grid = ((t[1] + 1) // 2, (t[2] + 1) // 2)
     else:
-        grid = hint or (224 // p, 224 // p)
+        grid = known or hint or (224 // p, 224 // p)
     rep = sd["pre_logits.fc.weight"].shape[0] if "pre_logits.fc.weight" in sd else None
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     try:
@@ -264,7 +284,10 @@ def adapt_state_dict(sd: Mapping[str, Tensor], source: ViTConfig, target: ViTCon
         out.pop("pre_logits.fc.bias", None)
     head_in = target.representation_size or target.hidden_dim
     head_w = out.get("head.weight")
-    if source.num_classes != target.num_classes or (head_w is not None and head_w.shape[1] != head_in):
+    # a dropped pre-logits layer keeps the head where it still fits (as timm does), else a new one; a head of the
+    # wrong shape with nothing changed is left for _load_strict to refuse by name
+    refit = source.representation_size != target.representation_size
+    if source.num_classes != target.num_classes or (refit and head_w is not None and head_w.shape[1] != head_in):
         out.pop("head.weight", None)
         out.pop("head.bias", None)
         if target.num_classes:
@@ -313,6 +336,7 @@ def read_npz(path: str | Path) -> dict[str, Tensor]:
     import numpy as np
 
     path = Path(path)
+    _check_magic(path, (b"PK", b"\x93NUMPY", b"\x80"), "an .npz file (zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: torch.from_numpy(np.ascontiguousarray(npz[k])) for k in npz.files}
@@ -456,14 +480,13 @@ def load_timm_dir(path: Path, overrides: Mapping[str, Any], meta: Mapping[str, A
         )
     _refuse_timm_variants(path, model_args)
     known: dict[str, Any] = {"num_heads": heads} if heads else {}
-    # the weights' size tells a non-square grid: model_args.img_size, else pretrained_cfg's (C, H, W)
+    # the size the weights were saved at tells their patch grid: model_args.img_size, else pretrained_cfg's (C, H, W)
     size, input_size = model_args.get("img_size"), pcfg.get("input_size")
     if size is None and isinstance(input_size, list) and len(input_size) == 3:
         size = input_size[1:]
-    if size is not None and "image_size" not in overrides:
-        known["image_size"] = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    saved = None if size is None else (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     sd = read_state_dict(weights)
-    config = infer_timm_config(sd, {**overrides, **known})
+    config = infer_timm_config(sd, {**overrides, **known}, saved)
     pool = model_args.get("global_pool", meta.get("global_pool"))
     if pool not in (None, "") and pool != {"token": "token", "gap": "avg"}[config.pool]:
         raise CheckpointError(
@@ -604,7 +627,8 @@ def save_timm(model: ViT, directory: str | Path) -> Path:
         raise CheckpointError(f"timm's VisionTransformer has learned 1D position embeddings, not {c.pos_embed!r}")
     if c.representation_size is not None:
         raise CheckpointError(
-            "timm's VisionTransformer has no pre-logits layer: load with representation_size=None to drop it"
+            "timm's VisionTransformer has no pre-logits layer: load with representation_size=None "
+            "(vitlab convert --drop-pre-logits) to drop it"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -658,7 +682,9 @@ def save_hf(model: ViT, directory: str | Path) -> Path:
 
     c = model.config
     if not c.num_classes:
-        raise CheckpointError("HF ViTForImageClassification needs a head: load with num_classes=K")
+        raise CheckpointError(
+            "HF ViTForImageClassification needs a head: load with num_classes=K (vitlab convert --num-classes K)"
+        )
     sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     tensors = {k: v.contiguous() for k, v in formats.to_hf(sd, c).items()}
     config = formats.hf_config_dict(c, model.class_names)

@@ -122,11 +122,11 @@ def _count_layers(keys: Any, pattern: str) -> int:
     return max(found) + 1
 
 
-def _grid(tokens: int, hint: tuple[int, int] | None) -> tuple[int, int]:
+def _grid(tokens: int, hint: tuple[int, int] | None, known: tuple[int, int] | None = None) -> tuple[int, int]:
     from vitlab import pos_embed as pe
 
     try:
-        return pe.grid_from_tokens(tokens, hint)
+        return pe.grid_from_tokens(tokens, hint, known)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
 
@@ -319,7 +319,7 @@ def infer_hf_config(
         num_classes = sd["classifier.weight"].shape[0] if has_head else 0
         rep = d if f"{p}pooler.dense.weight" in sd else None
         pos_tokens = sd[f"{p}embeddings.position_embeddings"].shape[1] - 1
-        grid = _grid(pos_tokens, grid_hint(overrides.get("image_size", size), patch))
+        grid = _grid(pos_tokens, grid_hint(overrides.get("image_size"), patch), known=grid_hint(size, patch))
         config = _make_config(
             image_size=(grid[0] * patch, grid[1] * patch),
             patch_size=patch,
@@ -401,7 +401,8 @@ def to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
         )
     if config.representation_size is not None:
         raise CheckpointError(
-            "HF ViTForImageClassification has no pre-logits layer: load with representation_size=None to drop it"
+            "HF ViTForImageClassification has no pre-logits layer: load with representation_size=None "
+            "(vitlab convert --drop-pre-logits) to drop it"
         )
     d = config.hidden_dim
     inverse: KeyTable = {}
@@ -417,8 +418,6 @@ def to_hf(sd: Mapping[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
 def hf_config_dict(config: ViTConfig, class_names: list[str] | None) -> dict[str, Any]:
     """A ``config.json`` that ``transformers.ViTForImageClassification.from_pretrained`` reads."""
     h, w = config.image_size
-    if h != w:
-        raise CheckpointError(f"HF ViTConfig takes a square image_size; this model has {h}x{w}")
     names = class_names or [f"LABEL_{i}" for i in range(config.num_classes)]
     return {
         "architectures": ["ViTForImageClassification"],
@@ -431,7 +430,7 @@ def hf_config_dict(config: ViTConfig, class_names: list[str] | None) -> dict[str
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "layer_norm_eps": config.layer_norm_eps,
-        "image_size": h,
+        "image_size": h if h == w else [h, w],  # transformers' ViT reads a (height, width) pair too
         "patch_size": config.patch_size,
         "num_channels": config.in_channels,
         "qkv_bias": config.qkv_bias,

@@ -133,14 +133,24 @@ def relative_bias(table: Tensor, cls_bias: Tensor | None, grid: tuple[int, int])
     return out
 
 
-def grid_from_tokens(num_patches: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The (gh, gw) grid of ``num_patches`` patches: ``hint`` if it fits, else the square one."""
+def grid_from_tokens(
+    num_patches: int, hint: tuple[int, int] | None = None, known: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The (gh, gw) grid a checkpoint's ``num_patches`` position embeddings were trained on.
+
+    ``known``: the grid the checkpoint's own metadata records (its config's image size), used when it fits.
+    Without it a square count is a square grid (every published checkpoint is square), and ``hint`` (the size the
+    caller asks for) settles only a count that is not square: a 4x4 grid asked for at 2x8 is resampled, not
+    reshaped.
+    """
+    if known is not None and known[0] * known[1] == num_patches:
+        return known
+    side = math.isqrt(num_patches)
+    if side * side == num_patches:
+        return (side, side)
     if hint is not None and hint[0] * hint[1] == num_patches:
         return hint
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(
-            f"{num_patches} position embeddings do not form a square grid; pass image_size=(height, width) "
-            "so that the grid can be known"
-        )
-    return (side, side)
+    raise ValueError(
+        f"{num_patches} position embeddings do not form a square grid; pass image_size=(height, width) "
+        "so that the grid can be known"
+    )

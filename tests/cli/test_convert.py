@@ -100,3 +100,74 @@ def test_bad_input_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert not (tmp_path / "o").exists()
     assert main(["convert", str(rep), "--out", str(tmp_path / "o"), "--to", "hf", "--drop-pre-logits"]) == 0
     assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+@torch.no_grad()
+def test_convert_non_square_to_hf_loads_in_transformers(npz: Path, tmp_path: Path) -> None:
+    from transformers import ViTForImageClassification
+
+    from vitlab.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["convert", str(npz), "--out", str(out), "--to", "hf", "--image-size", "32x48"]) == 0
+    reference = ViTForImageClassification.from_pretrained(out).eval()
+    ours = vitlab.from_pretrained(npz, image_size=(32, 48))
+    x = torch.randn(2, 3, 32, 48)
+    torch.testing.assert_close(reference(pixel_values=x).logits, ours(x), atol=ATOL, rtol=ATOL)
+    assert vitlab.from_pretrained(out).config == ours.config
+
+
+def test_out_is_never_merged_into_or_over_the_source(
+    npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vitlab.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", str(npz), "--out", str(out)]) == 2
+    assert "not empty: pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert main(["convert", str(npz), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # replaced whole
+    capsys.readouterr()
+    hf = tmp_path / "hf"
+    assert main(["convert", str(npz), "--out", str(hf), "--to", "hf"]) == 0
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for target in (hf, tmp_path):  # the source itself, and a folder holding it
+        assert main(["convert", str(hf), "--out", str(target), "--overwrite"]) == 2
+        assert "would replace or hold the source" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main(["convert", str(npz), "--out", str(file), "--to", "timm"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_nothing(
+    npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    from vitlab.cli import main
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    work = tmp_path / "work"
+    work.mkdir()
+    for to in ("vitlab", "timm", "hf"):
+        assert main(["convert", str(npz), "--out", str(work / "out"), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write" in err and "No space left on device" in err and "Traceback" not in err
+        assert list(work.iterdir()) == []  # no --out, no temporary folder
+
+
+def test_a_new_head_is_said_to_be_new(npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitlab.cli import main
+
+    assert main(["convert", str(npz), "--out", str(tmp_path / "a")]) == 0
+    assert "head is new" not in capsys.readouterr().out
+    assert main(["convert", str(npz), "--out", str(tmp_path / "b"), "--num-classes", "3"]) == 0
+    assert "the 3-class head is new (zero-initialised)" in capsys.readouterr().out

@@ -155,3 +155,30 @@ def test_exports_refuse_what_the_target_cannot_hold(tmp_path: Path) -> None:
     gap = vitlab.create_model("Ti/8", image_size=16, num_layers=1, pool="gap")
     with pytest.raises(CheckpointError, match="pool='gap'"):
         save_hf(gap, tmp_path / "h")
+
+
+def test_head_of_the_wrong_shape_is_refused_by_name(tmp_path: Path) -> None:
+    """Nothing asked to change the head, so a mis-shaped one is a broken file, not a head to replace by zeros."""
+    model = vitlab.from_pretrained(save_npz(google_npz(), tmp_path / "w.npz"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.weight"] = torch.zeros(state["head.weight"].shape[0], 7)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'head\.weight' has shape \(10, 7\), the model needs \(10, 64\)"):
+        vitlab.from_pretrained(tmp_path / "bad.safetensors", num_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("w.pth", b"", r"w\.pth is empty"),
+        ("w.pth", b"\x13\x37 not a checkpoint at all", r"w\.pth is not a PyTorch file .*corrupt, or another kind"),
+        ("w.npz", b"\x13\x37 not a checkpoint at all", r"w\.npz is not an \.npz file .*corrupt, or another kind"),
+        ("w.npz", b"", r"w\.npz is empty"),
+    ],
+    ids=["empty-pth", "garbage-pth", "garbage-npz", "empty-npz"],
+)
+def test_garbage_is_called_corrupt_not_code(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        vitlab.from_pretrained(path)
