@@ -54,10 +54,22 @@ def test_a_lone_val_folder_is_evaluated(fitted_grey_model: Path, tmp_path: Path)
 
 
 def test_partly_matching_class_names_are_refused(fitted_grey_model: Path, tmp_path: Path) -> None:
-    _folder(tmp_path, {"Trouser": "Trouser", "T-shirt/top": "T-shirt-top"})
+    _folder(tmp_path, {"Trouser": "Trouser", "T-shirt/top": "Tops"})
     r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "all")
     assert r.returncode == 2
-    assert "'T-shirt-top'" in r.stderr and "Traceback" not in r.stderr
+    assert "'Tops'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_class_whose_name_cannot_be_a_folder(fitted_grey_model: Path, tmp_path: Path) -> None:
+    """ "T-shirt/top" cannot name a folder; "T-shirt_top" finds it, and a carved split too small says why."""
+    total = _folder(tmp_path, {"Trouser": "Trouser", "T-shirt/top": "T-shirt_top"}, per_class=4)
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--split", "all", "--json")
+    assert r.returncode == 0, r.stderr
+    assert _last_json(r.stdout)["n"] == total == 8 and "T-shirt_top" in _last_json(r.stdout)["per_class"]
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path), "--out", str(tmp_path / "Trouser" / "0.png"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr and "Traceback" not in r.stderr
+    r = run("evaluate", str(fitted_grey_model), "--data", str(tmp_path))  # test: 10% of 4 rounds to none
+    assert r.returncode == 2 and "no image of a class with fewer than 5" in r.stderr
 
 
 def test_bad_batch_size_is_named(fitted_grey_model: Path) -> None:
@@ -70,6 +82,11 @@ def test_class_mapping_by_name_in_order_or_refused() -> None:
     assert class_mapping(["a", "b", "c"], ["c", "a"], 3) == [2, 0]
     assert class_mapping(["tench", "goldfish"], ["n01", "n02"], 2) == [0, 1]  # no name matches: in order
     assert class_mapping(None, ["x", "y"], 2) == [0, 1]
+    # a folder cannot be called "T-shirt/top": names agree up to case and punctuation, where that is unambiguous
+    fashion = ["T-shirt/top", "Trouser", "Pullover"]
+    assert class_mapping(fashion, ["Pullover", "T-shirt_top", "trouser"], 3) == [2, 0, 1]
+    with pytest.raises(ValueError, match="'AB' are not among"):
+        class_mapping(["a-b", "a_b", "c"], ["c", "AB"], 3)  # two model names with that key: no guess
     with pytest.raises(ValueError, match=r"'d'.*not among"):
         class_mapping(["a", "b", "c"], ["a", "d"], 3)
     with pytest.raises(ValueError, match=r"in order.*dataset has 2, the model 3"):

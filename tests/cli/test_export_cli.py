@@ -161,11 +161,16 @@ def test_metadata_inside_the_model_when_the_json_is_gone(tmp_path: Path) -> None
     assert loaded.preprocessing == model.preprocessing and loaded.class_names == model.class_names
 
 
-def test_dynamo_exporter(tmp_path: Path) -> None:
+def test_dynamo_exporter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxscript")
+    from vitlab.cli import main
+
     model = tiny_model()
     report = export(model, tmp_path / "m.onnx", exporter="dynamo", opset=18)
     assert report.fp32_max_abs_error <= ATOL
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "d.onnx"), "--exporter", "dynamo"]) == 0
+    assert "(opset 18," in capsys.readouterr().out  # its own default: it writes no opset below 18
     with pytest.raises(ExportError, match="relative"):
         export(tiny_model(pos_embed="relative"), tmp_path / "r.onnx", exporter="dynamo", opset=18)
 
@@ -180,7 +185,9 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_failed_check_writes_nothing(small_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     out.write_bytes(b"an older file, kept")
-    r = vitlab_export(small_ckpt, "--out", out, "--atol", "1e-15")
+    r = vitlab_export(small_ckpt, "--out", out)
+    assert r.returncode == 2 and "exists: pass --overwrite" in r.stderr  # an existing file needs a yes
+    r = vitlab_export(small_ckpt, "--out", out, "--atol", "1e-15", "--overwrite")
     assert r.returncode == 1
     assert "check failed" in r.stderr and "nothing written" in r.stderr
     assert out.read_bytes() == b"an older file, kept"

@@ -188,6 +188,12 @@ def test_cli_writes_the_json(tmp_path: Path) -> None:
     assert saved["settings"]["models"] == ["Ti/16"] and saved["results"][0]["model"] == "Ti/16"
     bad = subprocess.run([sys.executable, "-m", "vitlab", "bench", "--peers", "jax"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown peer" in bad.stderr
+    for where, message in [(tmp_path, "is a folder"), (out / "x.json", "is a file, not a folder")]:
+        bad = subprocess.run(
+            [sys.executable, "-m", "vitlab", "bench", *args[:-1], str(where)], capture_output=True, text=True
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr  # before any timing
+        assert "vitlab" not in bad.stdout
 
 
 @pytest.mark.slow

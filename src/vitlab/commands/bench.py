@@ -8,6 +8,8 @@ import shlex
 import sys
 from typing import Any
 
+from vitlab.commands._args import check_out_file
+
 EXIT_OK = 0
 
 
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vitlab.bench import BenchSettings, format_table, run_benchmark
 
+    if args.out:
+        check_out_file(args.out)  # before the minutes of timing, not after
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from vitlab.commands._args import require_positive
+from vitlab.commands._args import check_out_dir, require_positive
 
 
 def add_parser(sub: Any) -> None:
@@ -46,9 +47,15 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
     would silently score classes against the wrong outputs."""
     if model_names:
         index = {n: i for i, n in enumerate(model_names)}
-        missing = [n for n in data_names if n not in index]
+        # a folder cannot be named "T-shirt/top": a name matches up to case and punctuation when that is unique
+        keys = [_name_key(n) for n in model_names]
+        for i, key in enumerate(keys):
+            if keys.count(key) == 1:
+                index.setdefault(key, i)
+        found = {n: index.get(n, index.get(_name_key(n))) for n in data_names}
+        missing = [n for n, i in found.items() if i is None]
         if not missing:
-            return [index[n] for n in data_names]
+            return [i for i in found.values() if i is not None]
         if len(missing) < len(data_names):
             raise ValueError(
                 f"dataset class(es) {', '.join(map(repr, missing[:5]))}{'...' if len(missing) > 5 else ''} are not "
@@ -62,6 +69,11 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
             f"the dataset has {len(data_names)}, the model {num_classes}"
         )
     return list(range(len(data_names)))
+
+
+def _name_key(name: str) -> str:
+    """A class name without case, spaces and punctuation ("T-shirt/top" and the folder "t-shirt_top" agree)."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
 
 
 def _present_splits(spec: str) -> tuple[str, ...]:
@@ -91,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from vitlab.evaluate import accuracy_metrics, predict_logits
 
     require_positive(args, "batch_size")
+    if args.out:
+        check_out_dir(args.out)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides).eval()
     if not model.config.num_classes:
@@ -99,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
     # a run folder knows how its validation split was carved: the same seed, fraction and limit find it again
     run = _run_config(Path(args.source))
     run = run if run.get("data") == args.data else {}
+    val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     data = load_data(
         args.data,
-        val_fraction=args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1),
+        val_fraction=val_fraction,
         seed=args.seed if args.seed is not None else run.get("seed", 0),
         image_size=model.config.image_size,
         channels=model.config.in_channels,
@@ -119,6 +134,13 @@ def run(args: argparse.Namespace) -> int:
     if split is None or len(split) == 0:
         readable = f" with readable images ({len(data.skipped)} skipped)" if data.skipped else ""
         others = " or ".join(s for s in ("test", "val", "all") if s != args.split)
+        root = Path(args.data).expanduser()
+        if args.split != "all" and root.is_dir() and not (root / args.split).is_dir() and val_fraction > 0:
+            fewest = math.ceil(0.5 / val_fraction)  # floor(fraction * n + 0.5) >= 1
+            readable += (
+                f" (without a {args.split}/ folder it is carved as {val_fraction} of each class, which gives no "
+                f"image of a class with fewer than {fewest})"
+            )
         raise ValueError(f"{args.data} has no {args.split} split{readable}; try --split {others}")
     for note in data.notes:
         print(f"note: {note}", file=sys.stderr)

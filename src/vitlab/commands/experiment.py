@@ -12,7 +12,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("experiment", help="run one of the paper's ablations on Fashion-MNIST and write a report")
     p.add_argument("name", help=f"one of: {', '.join(NAMES)}")
     p.add_argument("--out", required=True, help="folder for results.json, figures, report.md and runs/")
-    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test of a few minutes")
+    p.add_argument("--quick", action="store_true", help="tiny models and data: a smoke test, not a result")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

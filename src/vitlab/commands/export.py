@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from vitlab.commands._args import check_out_file
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -22,7 +24,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("source", metavar="SRC", help="checkpoint file or directory, registry name, or http(s) URL")
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     p.add_argument("--int8", action="store_true", help="write an int8 model (onnxruntime dynamic quantisation)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; 14 to 20)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default 17, 14 to 20; with --exporter dynamo 18, 18 up)"
+    )
     p.add_argument("--num-heads", type=int, default=None, help="head count, for bare state dicts")
     p.add_argument("--batch-check", type=int, default=3, metavar="N", help="check at batch 1 and N (default 3)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest fp32 |ONNX - torch| accepted (default 1e-4)")
@@ -45,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from vitlab.checkpoint import from_pretrained
 
+    check_out_file(args.out, overwrite=args.overwrite)
+    if args.opset is None:
+        args.opset = 18 if args.exporter == "dynamo" else 17  # the lowest the dynamo exporter writes
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides)
     try:

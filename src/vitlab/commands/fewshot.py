@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shots must be >= 1, got {min(shots)}")
     if args.draws < 1:
         raise ValueError(f"--draws must be >= 1, got {args.draws}")
-    if args.val_fraction <= 0:
+    if not 0 < args.val_fraction < 1:
         raise ValueError(
-            f"--val-fraction must be > 0: the L2 strength is chosen on held-out data, got {args.val_fraction}"
+            f"--val-fraction must be in (0, 1): the L2 strength is chosen on held-out data, got {args.val_fraction}"
         )
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides).eval()
