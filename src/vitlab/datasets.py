@@ -384,7 +384,7 @@ def _not_found_message(name: str, looked: Sequence[Path]) -> str:
     how = [f"put {wanted} in {_cache_root() / name} (or in $VITLAB_DATA/{name})"]
     if name in _DEBIAN_PACKAGE:
         how.insert(0, f"`apt-get install {_DEBIAN_PACKAGE[name]}`")
-    how.append("or allow a download (download=True, network access, VITLAB_OFFLINE unset)")
+    how.append("or let vitlab download it (network access, VITLAB_OFFLINE unset; download=True, the default)")
     return f"dataset {name!r} not found; looked in: {', '.join(str(p) for p in looked)}. To get it: " + "; ".join(how)
 
 
@@ -710,7 +710,7 @@ def _load_folder(
             shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:5])
             raise DataError(
                 f"the images in {root} differ in size ({shown}{'...' if len(sizes) > 5 else ''}); "
-                "pass image_size=(height, width) to resize them all"
+                "pass image_size to resize them all (vitlab train --image-size N)"
             )
         h, w = sizes.pop() if sizes else (0, 0)  # nothing decoded: empty splits
         size = (int(h), int(w))

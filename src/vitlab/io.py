@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename.
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename; and the checks an output path
+gets before any work is done.
 
 A reader (or a crash, or ``kill -9``) sees either the old file whole or the new one whole, never half.
 """
@@ -93,3 +94,32 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_file(path: str | Path, overwrite: bool | None = None) -> Path:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or under a file.
+    ``overwrite=False`` also refuses an existing file (None: replacing one is fine)."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    _parents_are_folders(out)
+    if overwrite is False and out.exists():
+        raise ValueError(f"--out {out} exists: pass --overwrite to replace it")
+    return out
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """Refuse, before any work, an output folder path that is a file or lies under one."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    _parents_are_folders(out)
+    return out
+
+
+def _parents_are_folders(out: Path) -> None:
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write --out {out}: {parent} is a file, not a folder")
+            return

@@ -83,6 +83,7 @@ class TrainConfig:
                 f"time_budget must be > 0 seconds or None, got {self.time_budget}",
             ),
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}"),
             (self.accum_steps > 0, f"accum_steps must be > 0, got {self.accum_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (

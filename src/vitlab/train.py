@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -39,9 +40,9 @@ from vitlab.augment import BatchAugment
 from vitlab.budget import Costs, Schedule, fit, full_patch_cost_ratio
 from vitlab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_model
 from vitlab.config import Preprocessing
-from vitlab.datasets import batches, load_data, normalize_stats
+from vitlab.datasets import DATASETS, batches, load_data, normalize_stats
 from vitlab.evaluate import evaluate_tensors
-from vitlab.io import atomic_path, atomic_write_json, atomic_write_text
+from vitlab.io import atomic_path, atomic_write_json, atomic_write_text, check_out_dir
 from vitlab.malloc import keep_freed_memory
 from vitlab.model import ViT, create_model, onednn_bf16_enabled
 from vitlab.optim import MuonAdamW
@@ -246,26 +247,67 @@ def saved_config(out: str | Path) -> TrainConfig:
     """The configuration of the run saved in ``out`` (what ``--resume`` continues)."""
     out = Path(out)
     prepare_out(out, resume=True, overwrite=False)
-    return TrainConfig.from_dict(json.loads((out / RUN_CONFIG_NAME).read_text()))
+    path = out / RUN_CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the run's settings {path}: {e}") from e
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a JSON object of settings")
+    return TrainConfig.from_dict(saved)
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
-    """Refuse to mix runs: an --out holding another run needs --resume or --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+def _absolute_paths(c: TrainConfig) -> TrainConfig:
+    """``data`` and ``init_from`` as absolute paths where they name existing files or folders (not dataset or
+    registry names), so that ``--resume`` from another working directory finds the same ones."""
+    changes: dict[str, str] = {}
+    if c.data is not None and c.data not in DATASETS and Path(c.data).expanduser().exists():
+        changes["data"] = str(Path(c.data).expanduser().resolve())
+    if c.init_from and Path(c.init_from).expanduser().exists():
+        changes["init_from"] = str(Path(c.init_from).expanduser().resolve())
+    return c.replace(**changes) if changes else c
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True, init_from: str | None = None) -> None:
+    """Refuse to mix runs: an --out holding another run needs --resume or --overwrite; a folder holding anything
+    else, or the checkpoint the run starts from, is never written into."""
+    check_out_dir(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     has_run = out.is_dir() and any((out / n).exists() for n in (STATE_NAME, RUN_CONFIG_NAME))
     if resume:
         for name in (STATE_NAME, RUN_CONFIG_NAME):
             if not (out / name).is_file():
                 raise ValueError(f"--resume: {out} holds no {name} to resume from")
+        _remove_stale_temporaries(out, delete)
         return
+    source = Path(init_from).expanduser() if init_from else None
+    if source is not None and source.exists():
+        o, s = out.resolve(), source.resolve()
+        if o == s or o in s.parents:
+            raise ValueError(f"--out {out} holds --init-from {init_from}: write the new run somewhere else")
     if has_run and not overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if not has_run and out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {out} is not empty and holds no vitlab run (nothing in it was touched): give a new or empty folder"
+        )
     if has_run and overwrite and delete:
         for name in _RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        _remove_stale_temporaries(out, delete)
+
+
+def _remove_stale_temporaries(out: Path, delete: bool) -> None:
+    """Temporary files of atomic writes that a kill -9 interrupted (``.NAME.XXXX.tmp``, vitlab.io): never read."""
+    if not delete:
+        return
+    for folder in (out, out / BEST_DIR):
+        for name in _RUN_FILES:
+            for tmp in folder.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 RUNTIME_FIELDS = ("compile", "grad_checkpointing")
@@ -299,8 +341,11 @@ def train(
     out = Path(out)
     if config is not None and not resume:
         _ = config.dataset  # a recipe without a default dataset stops here, before anything is written
+    if config is not None and not resume:
+        config = _absolute_paths(config)  # run_config.json then means the same data from any directory
     d = init_distributed()
-    prepare_out(out, resume, overwrite, delete=d.main)  # every rank checks, so that all stop together
+    init_from = config.init_from if config is not None and not resume else None
+    prepare_out(out, resume, overwrite, delete=d.main, init_from=init_from)  # every rank checks: all stop together
     _barrier(d)
     if resume:
         saved = saved_config(out).replace(**runtime)
@@ -392,7 +437,12 @@ def train(
     last_checkpoint, last_validation = 0.0, 0.0  # seconds the latest of each took, for the time budget
     step_cost = 0.0  # seconds a step takes, as last fitted
     if resume:
-        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise ValueError(
+                f"cannot read {out / STATE_NAME} (truncated or corrupt?): {str(e).splitlines()[0] if str(e) else e!r}"
+            ) from e
         if state["world_size"] != d.world_size:
             raise ValueError(f"the run was saved with {state['world_size']} process(es); resume with the same number")
         model.load_state_dict(state["model"])

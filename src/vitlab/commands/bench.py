@@ -8,7 +8,7 @@ import shlex
 import sys
 from typing import Any
 
-from vitlab.commands._args import check_out_file
+from vitlab.io import check_out_file
 
 EXIT_OK = 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vitlab.commands._args import image_size
+from vitlab.io import check_out_dir
 
 EXIT_OK = 0
 TARGETS = ("vitlab", "timm", "hf")
@@ -68,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_out(out: Path, source: str, overwrite: bool) -> None:
     """Refuse an --out that is a file, holds something (without --overwrite), or is or holds SRC."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     src = Path(source)
     if src.exists():
         o, s = out.resolve(), src.resolve()

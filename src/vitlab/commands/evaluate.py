@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitlab.commands._args import check_out_dir, require_positive
+from vitlab.commands._args import require_positive
+from vitlab.io import check_out_dir
 
 
 def add_parser(sub: Any) -> None:
@@ -71,6 +72,16 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
     return list(range(len(data_names)))
 
 
+def _same_data(saved: Any, given: str) -> bool:
+    """Whether a run's saved ``data`` (an absolute path when it names a folder) is the ``--data`` given here."""
+    if not isinstance(saved, str) or saved == given:
+        return saved == given
+    try:
+        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _name_key(name: str) -> str:
     """A class name without case, spaces and punctuation ("T-shirt/top" and the folder "t-shirt_top" agree)."""
     return "".join(ch for ch in name.casefold() if ch.isalnum())
@@ -112,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     pre = model.preprocessing
     # a run folder knows how its validation split was carved: the same seed, fraction and limit find it again
     run = _run_config(Path(args.source))
-    run = run if run.get("data") == args.data else {}
+    run = run if _same_data(run.get("data"), args.data) else {}
     val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     data = load_data(
         args.data,

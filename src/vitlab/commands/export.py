@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from vitlab.commands._args import check_out_file
+from vitlab.io import check_out_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

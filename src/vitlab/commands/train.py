@@ -112,8 +112,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
         changes["keep_head"] = True
     aug = dataclasses.asdict(config.augment)
     model = dict(config.model_overrides)
-    if args.model is not None and args.model != config.model:
-        # a new preset: keep only the recipe's regularisation and input-size overrides
+    new_start = args.init_from is not None and args.init_from != config.init_from
+    if new_start or (args.model is not None and args.model != config.model):
+        # a new preset, or a checkpoint whose weights fix the architecture: keep only the recipe's
+        # regularisation and input-size overrides (--set model.X still applies on top)
         model = {k: v for k, v in model.items() if k == "image_size" or k in REGULARISATION_FIELDS}
     # a whole model_overrides object applies first, so that model.X settings refine it in any order
     sets = sorted(args.sets, key=lambda item: not item.startswith("model_overrides="))
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     if args.out is None and (args.resume or not args.print_config):
         raise ValueError("--out is required: the run folder to " + ("resume" if args.resume else "write"))
     # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
