@@ -2,7 +2,9 @@
 
 - ``b16-inference``: B/16 forward, 224x224, batch 16, eager fp32, inference mode;
 - ``demo-train``: one training step of the ``fashion-mnist-demo`` model (batch 128, 28x28 grey): forward,
-  cross-entropy, backward, AdamW step.
+  cross-entropy, backward, the recipe's optimiser step (Muon since session 14; AdamW before), eager;
+- ``demo-train-compiled``: the same step with the model under ``torch.compile``, as ``vitlab train`` runs it;
+  inductor's generated kernels appear by name (``cpp.enable_kernel_profile``).
 
 Each writes ``benchmarks/results/profile_<name>.txt``: the command, then the operators sorted by self CPU time.
 
@@ -39,15 +41,20 @@ def b16_inference() -> Callable[[], None]:
     return step
 
 
-def demo_train() -> Callable[[], None]:
+def demo_train(compiled: bool = False) -> Callable[[], None]:
     c = get_recipe("fashion-mnist-demo")
     torch.manual_seed(0)
     model = vitlab.create_model(c.model, image_size=28, in_channels=1, num_classes=10, **c.model_overrides).train()
     opt = build_optimizer(model, c, torch.device("cpu"))
     x, y = torch.randn(c.batch_size, 1, 28, 28), torch.randint(0, 10, (c.batch_size,))
+    if compiled:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # name each generated kernel in the profile
+    fwd: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compiled else model
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y, label_smoothing=c.label_smoothing)
+        loss = F.cross_entropy(fwd(x), y, label_smoothing=c.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -55,7 +62,11 @@ def demo_train() -> Callable[[], None]:
     return step
 
 
-CASES: dict[str, Callable[[], Callable[[], None]]] = {"b16-inference": b16_inference, "demo-train": demo_train}
+CASES: dict[str, Callable[[], Callable[[], None]]] = {
+    "b16-inference": b16_inference,
+    "demo-train": demo_train,
+    "demo-train-compiled": lambda: demo_train(compiled=True),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
