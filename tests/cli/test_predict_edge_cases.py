@@ -144,3 +144,19 @@ def test_predict_sees_a_transparent_image_as_its_white_composite(fitted_grey_mod
     alpha, white = (row["predictions"] for row in rows(r.stdout))
     assert [p["index"] for p in alpha] == [p["index"] for p in white]
     assert [p["probability"] for p in alpha] == pytest.approx([p["probability"] for p in white], abs=1e-6)
+
+
+def test_a_bare_weights_file_says_which_preprocessing_it_assumed(fitted_grey_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = vitlab.from_pretrained(fitted_grey_model)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
+    Image.new("L", (28, 28), 90).save(tmp_path / "x.png")
+    heads = str(model.config.num_heads)
+    r = run("predict", str(bare), str(tmp_path / "x.png"), "--num-heads", heads, "--top-k", "1")
+    assert r.returncode == 0, r.stderr
+    assert "bare.safetensors is a weights file that records no preprocessing or class names" in r.stderr
+    assert "mean [0.5], std [0.5]" in r.stderr  # what is then used, not the run's own statistics
+    r = run("predict", str(fitted_grey_model), str(tmp_path / "x.png"), "--top-k", "1")
+    assert r.returncode == 0 and "records no preprocessing" not in r.stderr

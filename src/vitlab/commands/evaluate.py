@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitlab.commands._args import require_positive
+from vitlab.commands._args import note_assumed_preprocessing, require_positive
 from vitlab.io import check_out_dir
 
 
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(args.out)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
     model = from_pretrained(args.source, **overrides).eval()
+    note_assumed_preprocessing(args.source, model)
     if not model.config.num_classes:
         raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to evaluate")
     pre = model.preprocessing

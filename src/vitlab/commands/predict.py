@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from vitlab.commands._args import require_positive
+from vitlab.commands._args import note_assumed_preprocessing, require_positive
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(str(e)) from None
     else:
         model = from_pretrained(args.source, **overrides).eval()
+        note_assumed_preprocessing(args.source, model)
     if not model.config.num_classes:
         raise ValueError(f"{args.source} has no classification head (num_classes=0): nothing to predict")
     pre, channels = model.preprocessing, model.config.in_channels
