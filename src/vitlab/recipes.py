@@ -42,7 +42,8 @@ class TrainConfig:
     data: str | None = "fashion-mnist"  # None: the recipe is for data the user names (--data)
     val_fraction: float = 0.1
     limit: int | None = None  # train on the first `limit` images only (quick runs)
-    image_size: int | None = None  # resize inputs (and resample positions of an --init-from model)
+    # resize inputs to N or (H, W) (and resample the positions of an --init-from model)
+    image_size: int | tuple[int, int] | None = None
     channels: int | None = None  # force 1 or 3 input channels
     epochs: float = 10.0
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs)
@@ -83,6 +84,11 @@ class TrainConfig:
                 f"time_budget must be > 0 seconds or None, got {self.time_budget}",
             ),
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (
+                self.image_size is None
+                or min((self.image_size,) if isinstance(self.image_size, int) else self.image_size) > 0,
+                f"image_size sides must be > 0, got {self.image_size}",
+            ),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1 or None, got {self.threads}"),
             (self.accum_steps > 0, f"accum_steps must be > 0, got {self.accum_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -151,7 +157,7 @@ class TrainConfig:
         aug = d.pop("augment", {}) or {}
         if "scale" in aug:
             aug["scale"] = tuple(aug["scale"])
-        for key in ("betas", "mean", "std"):
+        for key in ("betas", "mean", "std") + (("image_size",) if isinstance(d.get("image_size"), list) else ()):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(augment=AugmentConfig(**aug), **d)

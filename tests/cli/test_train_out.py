@@ -90,13 +90,16 @@ def test_fine_tuning_any_architecture_under_the_default_recipe(tmp_path: Path) -
 
 def test_paths_are_saved_absolute_and_broken_run_files_are_named(tmp_path: Path) -> None:
     flat_folder(tmp_path / "flat")
-    args = ["train", "--data", "flat", "--image-size", "28", "--batch-size", "8", "--max-steps", "2", "--threads", "1",
-            "--no-compile", "--no-progress", "--set", "model.hidden_dim=32", "--set", "model.num_layers=1",
-            "--set", "model.num_heads=2", "--set", "model.mlp_dim=64", "--out", "run"]  # fmt: skip
+    args = ["train", "--data", "flat", "--image-size", "28x35", "--batch-size", "8", "--max-steps", "2",
+            "--threads", "1", "--no-compile", "--no-progress", "--set", "model.hidden_dim=32",
+            "--set", "model.num_layers=1", "--set", "model.num_heads=2", "--set", "model.mlp_dim=64",
+            "--out", "run"]  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "vitlab", *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "run"
-    assert json.loads((run_dir / "run_config.json").read_text())["data"] == str((tmp_path / "flat").resolve())
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    assert saved["data"] == str((tmp_path / "flat").resolve())
+    assert saved["image_size"] == [28, 35] and vitlab.from_pretrained(run_dir).config.image_size == (28, 35)
     stale = run_dir / ".training_state.pt.k1ll9d.tmp"  # what a kill -9 inside an atomic write leaves
     stale.write_bytes(b"half")
     state = torch.load(run_dir / "training_state.pt", weights_only=True)

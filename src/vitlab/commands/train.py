@@ -7,15 +7,17 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from vitlab.augment import AugmentConfig
+from vitlab.commands._args import image_size
 from vitlab.config import REGULARISATION_FIELDS
 
 DEFAULT_RECIPE = "fashion-mnist-demo"
 
 # flag -> TrainConfig field, for the fields people change most; --set reaches every field
-_FLAGS: dict[str, tuple[str, type]] = {
+_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "--data": ("data", str),
     "--model": ("model", str),
     "--init-from": ("init_from", str),
@@ -27,7 +29,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "--accum-steps": ("accum_steps", int),
     "--seed": ("seed", int),
     "--checkpoint-every": ("checkpoint_every", int),
-    "--image-size": ("image_size", int),
+    "--image-size": ("image_size", image_size),
     "--optimizer": ("optimizer", str),
     "--weight-decay": ("weight_decay", float),
     "--warmup-steps": ("warmup_steps", int),
@@ -43,6 +45,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
 }
 
 _HELP = {
+    "image_size": "resize the images to N or HxW (a multiple of the patch size)",
     "time_budget": "at most this many seconds of training: the run's epochs are shortened to fit where the CPU is "
     "too slow for them (--set time_budget=null: none)",
 }
