@@ -221,7 +221,7 @@ def infer_timm_config(
     known = formats.grid_hint(saved_size, p)
     if kind == "learned":
         n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)
-        grid = pe.grid_from_tokens(n, hint, known)
+        grid = pe.grid_from_tokens(n, hint, known, prefer_hint=saved_size is None)
     elif kind == "learned_2d":
         grid = (sd["pos_embed_y"].shape[0], sd["pos_embed_x"].shape[0])
     elif kind == "relative":

@@ -70,30 +70,40 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path`` to fill; on success it takes ``path``'s place whole (an older folder
-    there is removed after the swap). On failure it is removed and ``path`` is untouched."""
+    """Yield an empty temporary folder to fill; on success its files become ``path``'s, on failure nothing changes.
+
+    A new ``path`` appears whole (the temporary folder beside it is renamed). An existing folder (a symlink to
+    one, a mount point, ``.``) keeps its own identity, owner and mode: the temporary folder is made inside it and,
+    once complete, the old entries are removed and the new ones moved in, each move atomic."""
     import shutil
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming.", suffix=".tmp", dir=path))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
-        moved = path.exists()
-        if moved:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if moved:  # put the old folder back
-                os.replace(old, path)
-            raise
-        _fsync_dir(path.parent)
+        for entry in path.iterdir():  # the old contents go only once the new ones are complete
+            if entry == tmp:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for entry in tmp.iterdir():
+            os.replace(entry, path / entry.name)
+        _fsync_dir(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_out_file(path: str | Path, overwrite: bool | None = None) -> Path:

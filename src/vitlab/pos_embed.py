@@ -8,6 +8,7 @@ interpolation of the pre-trained position embeddings, according to their locatio
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -134,22 +135,35 @@ def relative_bias(table: Tensor, cls_bias: Tensor | None, grid: tuple[int, int])
 
 
 def grid_from_tokens(
-    num_patches: int, hint: tuple[int, int] | None = None, known: tuple[int, int] | None = None
+    num_patches: int,
+    hint: tuple[int, int] | None = None,
+    known: tuple[int, int] | None = None,
+    prefer_hint: bool = False,
 ) -> tuple[int, int]:
     """The (gh, gw) grid a checkpoint's ``num_patches`` position embeddings were trained on.
 
     ``known``: the grid the checkpoint's own metadata records (its config's image size), used when it fits.
-    Without it a square count is a square grid (every published checkpoint is square), and ``hint`` (the size the
-    caller asks for) settles only a count that is not square: a 4x4 grid asked for at 2x8 is resampled, not
-    reshaped.
+    ``hint``: the grid the caller asks for. Formats that are only ever square (Google ``.npz``, torchvision) take a
+    square count as square, so a 4x4 grid asked for at 2x8 is resampled; a bare timm state dict, which may have
+    been trained at any size, takes a fitting ``hint`` as its own grid (``prefer_hint``), with a warning when a
+    square grid would fit too. A count that is not square can only be settled by ``hint``.
     """
     if known is not None and known[0] * known[1] == num_patches:
         return known
     side = math.isqrt(num_patches)
-    if side * side == num_patches:
-        return (side, side)
-    if hint is not None and hint[0] * hint[1] == num_patches:
+    square = side * side == num_patches
+    if hint is not None and hint[0] * hint[1] == num_patches and (prefer_hint or not square):
+        if square and hint != (side, side):
+            warnings.warn(
+                f"the checkpoint records no image size: its {num_patches} position embeddings are taken as the "
+                f"{hint[0]}x{hint[1]} grid asked for, not resampled from {side}x{side}; if they were trained at "
+                f"{side}x{side}, load them at that size and save_pretrained the model (a vitlab folder records its "
+                "size), then load that at the new one",
+                stacklevel=2,
+            )
         return hint
+    if square:
+        return (side, side)
     raise ValueError(
         f"{num_patches} position embeddings do not form a square grid; pass image_size=(height, width) "
         "so that the grid can be known"

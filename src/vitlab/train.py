@@ -263,9 +263,17 @@ def _absolute_paths(c: TrainConfig) -> TrainConfig:
     changes: dict[str, str] = {}
     if c.data is not None and c.data not in DATASETS and Path(c.data).expanduser().exists():
         changes["data"] = str(Path(c.data).expanduser().resolve())
-    if c.init_from and Path(c.init_from).expanduser().exists():
+    if c.init_from and _is_local_path(c.init_from):
         changes["init_from"] = str(Path(c.init_from).expanduser().resolve())
     return c.replace(**changes) if changes else c
+
+
+def _is_local_path(source: str) -> bool:
+    """Whether ``init_from`` names a file or folder here, not a registry name or URL (which load_checkpoint tries
+    first)."""
+    from vitlab.hub import REGISTRY
+
+    return source not in REGISTRY and "://" not in source and Path(source).expanduser().exists()
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True, init_from: str | None = None) -> None:
@@ -281,18 +289,22 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True, i
                 raise ValueError(f"--resume: {out} holds no {name} to resume from")
         _remove_stale_temporaries(out, delete)
         return
-    source = Path(init_from).expanduser() if init_from else None
-    if source is not None and source.exists():
+    source = Path(init_from).expanduser() if init_from and _is_local_path(init_from) else None
+    if source is not None:
         o, s = out.resolve(), source.resolve()
         if o == s or o in s.parents:
             raise ValueError(f"--out {out} holds --init-from {init_from}: write the new run somewhere else")
     if has_run and not overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    if not has_run and out.is_dir() and any(out.iterdir()):
+    # files of the names a run writes (a saved model, a half-deleted run) are replaced only when asked; anything
+    # else in the folder (a log being tee'd, notes, the demo's report) stays and is never touched
+    taken = [n for n in (*_RUN_FILES, BEST_DIR, "tensorboard") if (out / n).exists()]
+    if taken and not overwrite:
         raise ValueError(
-            f"--out {out} is not empty and holds no vitlab run (nothing in it was touched): give a new or empty folder"
+            f"--out {out} holds {', '.join(taken)} but no run to resume (nothing was touched): pass --overwrite to "
+            "replace them, or give another folder"
         )
-    if has_run and overwrite and delete:
+    if taken and overwrite and delete:
         for name in _RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)

@@ -138,6 +138,9 @@ def test_out_is_never_merged_into_or_over_the_source(
         assert main(["convert", str(hf), "--out", str(target), "--overwrite"]) == 2
         assert "would replace or hold the source" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert main(["convert", str(hf), "--out", str(hf / "timm"), "--to", "timm"]) == 0  # beside SRC's files: fine
+    assert {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()} == before
+    capsys.readouterr()
     file = tmp_path / "file"
     file.write_text("x")
     assert main(["convert", str(npz), "--out", str(file), "--to", "timm"]) == 2
@@ -171,3 +174,22 @@ def test_a_new_head_is_said_to_be_new(npz: Path, tmp_path: Path, capsys: pytest.
     assert "head is new" not in capsys.readouterr().out
     assert main(["convert", str(npz), "--out", str(tmp_path / "b"), "--num-classes", "3"]) == 0
     assert "the 3-class head is new (zero-initialised)" in capsys.readouterr().out
+
+
+def test_an_existing_folder_keeps_its_identity(npz: Path, tmp_path: Path) -> None:
+    """An empty --out folder (or a symlink to one) is filled in place: its mode stays, a link stays a link."""
+    from vitlab.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.chmod(empty, 0o2750)
+    assert main(["convert", str(npz), "--out", str(empty)]) == 0
+    assert os.stat(empty).st_mode & 0o7777 == 0o2750
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(["convert", str(npz), "--out", str(link), "--to", "timm"]) == 0
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ViT-T_8.npz", "empty", "link", "target"]  # no leftovers

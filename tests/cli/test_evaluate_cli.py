@@ -87,6 +87,8 @@ def test_class_mapping_by_name_in_order_or_refused() -> None:
     assert class_mapping(fashion, ["Pullover", "T-shirt_top", "trouser"], 3) == [2, 0, 1]
     with pytest.raises(ValueError, match="'AB' are not among"):
         class_mapping(["a-b", "a_b", "c"], ["c", "AB"], 3)  # two model names with that key: no guess
+    with pytest.raises(ValueError, match="'Cat', 'cat' all name the same model class"):
+        class_mapping(["cat", "dog"], ["Cat", "cat", "dog"], 2)  # one output scored as two classes: refused
     with pytest.raises(ValueError, match=r"'d'.*not among"):
         class_mapping(["a", "b", "c"], ["a", "d"], 3)
     with pytest.raises(ValueError, match=r"in order.*dataset has 2, the model 3"):

@@ -40,17 +40,21 @@ def test_out_holding_the_init_from_checkpoint_is_refused(tmp_path: Path, capsys:
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
-def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = tiny_checkpoint(tmp_path / "model")  # a saved model, not a run
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "keep.txt").write_text("mine")
-    for out in (model, mine):
-        for extra in ([], ["--overwrite"]):
-            assert main(["train", *TINY, "--max-steps", "1", "--out", str(out), *extra]) == 2
-            assert "not empty and holds no vitlab run" in capsys.readouterr().err
-    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+def test_files_a_run_would_replace_need_overwrite_and_others_are_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_checkpoint(tmp_path / "model")  # a saved model, not a run: its files are what a run writes
+    assert main(["train", *TINY, "--max-steps", "1", "--out", str(model)]) == 2
+    assert "holds config.json, model.safetensors but no run to resume" in capsys.readouterr().err
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    mine = tmp_path / "mine"  # e.g. `vitlab train --out mine | tee mine/train.log`
+    mine.mkdir()
+    (mine / "train.log").write_text("mine")
+    (mine / "model.safetensors").write_text("left by a half-deleted run")  # an --overwrite that failed half way
+    r = run("train", *TINY, "--max-steps", "1", "--out", str(mine), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (mine / "train.log").read_text() == "mine" and (mine / "run_config.json").is_file()
+    vitlab.from_pretrained(mine)
 
 
 @pytest.mark.parametrize(

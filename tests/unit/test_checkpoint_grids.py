@@ -1,5 +1,6 @@
 """Which patch grid a checkpoint's position embeddings were trained on: from its own metadata when it has some,
-square for a square count otherwise, never from the size asked for when that only has the same number of patches."""
+square for a square count in the formats that are only ever square, and for a bare timm state dict the size asked
+for when it fits (said with a warning when a square grid would fit too)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def hf_dir(model: vitlab.ViT, tmp_path: Path) -> Path:
 WRITERS: dict[str, Callable[[vitlab.ViT, Path], Path]] = {"timm-file": timm_file, "timm-dir": timm_dir, "hf": hf_dir}
 
 
-@pytest.mark.parametrize("fmt", list(WRITERS))
+@pytest.mark.parametrize("fmt", ["timm-dir", "hf"])
 @torch.no_grad()
 def test_square_grid_asked_for_at_a_size_with_as_many_patches_is_resampled(tmp_path: Path, fmt: str) -> None:
     """4x4 patches saved, 2x8 asked for: 16 patches both ways, but the embeddings must be resampled, not reshaped."""
@@ -57,6 +58,26 @@ def test_square_grid_asked_for_at_a_size_with_as_many_patches_is_resampled(tmp_p
     torch.testing.assert_close(wide.pos_embed, expected)
     x = images(size=(16, 64))
     torch.testing.assert_close(wide(x), native(x), atol=1e-4, rtol=1e-4)  # = the native model's own interpolation
+
+
+@torch.no_grad()
+def test_a_bare_state_dict_takes_the_asked_grid_and_says_so(tmp_path: Path) -> None:
+    """No recorded size: 16 embeddings asked for at 2x8 are taken as a 2x8 grid (it may have been trained so), with a
+    warning naming the way to resample a square one instead: through a folder that records its size."""
+    wide_native = model_at((16, 64))
+    path = timm_file(wide_native, tmp_path)
+    with pytest.warns(UserWarning, match="records no image size: its 16 position embeddings are taken as the 2x8"):
+        wide = vitlab.from_pretrained(path, image_size=(16, 64), num_heads=4)
+    x = images(size=(16, 64))
+    torch.testing.assert_close(wide(x), wide_native(x))
+    square_native = model_at((32, 32))
+    (tmp_path / "sq").mkdir()
+    with pytest.warns(UserWarning):
+        assert vitlab.from_pretrained(timm_file(square_native, tmp_path / "sq"), image_size=(16, 64), num_heads=4)
+    square = vitlab.from_pretrained(timm_file(square_native, tmp_path / "sq"), num_heads=4)  # its own size: no warning
+    square.save_pretrained(tmp_path / "folder")
+    resampled = vitlab.from_pretrained(tmp_path / "folder", image_size=(16, 64))
+    torch.testing.assert_close(resampled(x), square_native(x), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["timm-dir", "hf"])
@@ -81,7 +102,9 @@ def test_npz_square_grid_at_a_size_with_as_many_patches(tmp_path: Path) -> None:
 
 
 def test_grid_from_tokens_rules() -> None:
-    assert pe.grid_from_tokens(16, hint=(2, 8)) == (4, 4)  # a square count without metadata is square
+    assert pe.grid_from_tokens(16, hint=(2, 8)) == (4, 4)  # a square count in an always-square format is square
+    with pytest.warns(UserWarning, match="not resampled from 4x4"):
+        assert pe.grid_from_tokens(16, hint=(2, 8), prefer_hint=True) == (2, 8)  # a bare timm state dict
     assert pe.grid_from_tokens(16, hint=(2, 8), known=(2, 8)) == (2, 8)  # the metadata says otherwise
     assert pe.grid_from_tokens(16, known=(3, 3)) == (4, 4)  # metadata that does not fit is not believed
     assert pe.grid_from_tokens(24, hint=(4, 6)) == (4, 6)  # a non-square count: only the caller can tell

@@ -73,7 +73,7 @@ def _check_out(out: Path, source: str, overwrite: bool) -> None:
     src = Path(source)
     if src.exists():
         o, s = out.resolve(), src.resolve()
-        if o == s or o in s.parents or s in o.parents:
+        if o == s or o in s.parents:  # (a new folder inside a source folder is fine: nothing there is replaced)
             raise ValueError(f"--out {out} would replace or hold the source {source}: write somewhere else")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty: pass --overwrite to replace it")

@@ -56,6 +56,12 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
         found = {n: index.get(n, index.get(_name_key(n))) for n in data_names}
         missing = [n for n, i in found.items() if i is None]
         if not missing:
+            same = [n for n, i in found.items() if list(found.values()).count(i) > 1]
+            if same:
+                raise ValueError(
+                    f"dataset classes {', '.join(map(repr, same))} all name the same model class: merge or rename "
+                    "those folders"
+                )
             return [i for i in found.values() if i is not None]
         if len(missing) < len(data_names):
             raise ValueError(
@@ -124,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
     pre = model.preprocessing
     # a run folder knows how its validation split was carved: the same seed, fraction and limit find it again
     run = _run_config(Path(args.source))
-    run = run if _same_data(run.get("data"), args.data) else {}
+    if run and not _same_data(run.get("data"), args.data):
+        print(
+            f"note: {args.source} was trained on {run.get('data')}, not {args.data}: its val split settings (seed, "
+            "fraction, limit) are not applied",
+            file=sys.stderr,
+        )
+        run = {}
     val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
     data = load_data(
         args.data,

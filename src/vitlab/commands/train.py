@@ -115,8 +115,9 @@ def resolve_config(args: argparse.Namespace) -> Any:
         changes["keep_head"] = True
     aug = dataclasses.asdict(config.augment)
     model = dict(config.model_overrides)
-    new_start = args.init_from is not None and args.init_from != config.init_from
-    if new_start or (args.model is not None and args.model != config.model):
+    init_from, preset = _given(args, "init_from"), _given(args, "model")  # --set wins over the flag, as below
+    new_start = init_from is not None and init_from != config.init_from
+    if new_start or (preset is not None and preset != config.model):
         # a new preset, or a checkpoint whose weights fix the architecture: keep only the recipe's
         # regularisation and input-size overrides (--set model.X still applies on top)
         model = {k: v for k, v in model.items() if k == "image_size" or k in REGULARISATION_FIELDS}
@@ -147,6 +148,18 @@ def resolve_config(args: argparse.Namespace) -> Any:
     changes["augment"] = AugmentConfig(**aug)
     changes["model_overrides"] = model
     return config.replace(**changes)
+
+
+def _given(args: argparse.Namespace, name: str) -> Any:
+    """The value a field is given on the command line: its last ``--set name=...``, else its flag, else None."""
+    for item in reversed(args.sets):
+        key, sep, raw = item.partition("=")
+        if sep and key == name:
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                return raw
+    return getattr(args, name, None)
 
 
 def _given_settings(args: argparse.Namespace) -> list[str]:
