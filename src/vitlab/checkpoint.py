@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -553,6 +554,11 @@ def load_checkpoint(source: str | Path, overrides: Mapping[str, Any]) -> Checkpo
             ckpt.class_names = hub.class_names_for(entry)
         return ckpt
     if hub.is_url(source):
+        name = urllib.parse.urlsplit(str(source)).path.rsplit("/", 1)[-1]
+        if not name.endswith((".npz", *STATE_DICT_SUFFIXES)):  # before downloading what could not be read
+            raise CheckpointError(
+                f"cannot load {source}: a URL must name a .npz or {', '.join(STATE_DICT_SUFFIXES)} file"
+            )
         return load_checkpoint(hub.download(str(source)), overrides)
     path = Path(source)
     if path.is_dir():

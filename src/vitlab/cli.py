@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
+    except BrokenPipeError:  # `vitlab models | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141  # 128 + SIGPIPE, as a shell tool would end
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_without_teardown(status)
     return status

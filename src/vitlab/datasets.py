@@ -402,8 +402,10 @@ def _load_named(name: str, *, download: bool) -> tuple[ImageTensors, ImageTensor
     try:
         folder = find_dataset_files(name)
     except DataError as not_found:
-        if not download or os.environ.get("VITLAB_OFFLINE") == "1":
-            reason = "download=False" if not download else "VITLAB_OFFLINE=1"
+        from vitlab.hub import offline
+
+        if not download or offline():
+            reason = "download=False" if not download else "VITLAB_OFFLINE is set"
             raise DataError(f"{not_found} (not downloading: {reason})") from None
         try:
             _download(name)

@@ -232,10 +232,18 @@ def cache_path(url: str, root: Path | None = None) -> Path:
     """Where ``url`` is kept: ``<cache>/<host>/<path>`` (so a file can also be put there by hand)."""
     parts = urllib.parse.urlsplit(url)
     segments = [urllib.parse.unquote(s) for s in parts.path.split("/") if s]
-    if not parts.netloc or not segments or any(s in (".", "..") for s in segments):
-        raise CheckpointError(f"cannot download {url!r}: expected http(s)://host/path/to/file")
     host = parts.netloc.replace(":", "_")
-    return (root or cache_dir()).joinpath(host, *segments)
+    # a decoded segment is one path component under the cache, never a way out of it ("%2F", "..%2F", "\\")
+    unsafe = [s for s in [host, *segments] if s in (".", "..") or "/" in s or "\\" in s or "\0" in s]
+    if not parts.netloc or not segments or unsafe:
+        raise CheckpointError(f"cannot download {url!r}: expected http(s)://host/path/to/file")
+    if parts.query:  # another query may be another file: its own folder, the file name (and suffix) kept
+        segments.insert(-1, "query-" + hashlib.sha256(parts.query.encode()).hexdigest()[:16])
+    base = root or cache_dir()
+    target = base.joinpath(host, *segments)
+    if not target.resolve().is_relative_to(base.resolve()):
+        raise CheckpointError(f"cannot download {url!r}: its path leads out of the cache {base}")
+    return target
 
 
 def offline() -> bool:
@@ -263,6 +271,8 @@ def download(
             raise CheckpointError(
                 f"the cached {target} has {target.stat().st_size} bytes, {url} has {size}: delete it and retry"
             )
+        if sha256 is not None and _sha256(target) != sha256.lower():  # a file put there by hand is checked too
+            raise CheckpointError(f"the cached {target} does not have {url}'s published SHA-256: delete it and retry")
         return target
     if offline():
         raise CheckpointError(
@@ -273,8 +283,14 @@ def download(
         with atomic_path(target) as tmp:
             _fetch(url, tmp, progress=progress, timeout=timeout)
             _verify(url, tmp, sha256=sha256, size=size)
-    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
+    except urllib.error.HTTPError as e:
+        raise CheckpointError(f"cannot download {url}: the server answered {e.code} {e.reason}") from e
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         raise CheckpointError(f"cannot download {url} ({e}); without network, put the file by hand at {target}") from e
+    except OSError as e:  # the cache itself: not writable, full, a file where a folder goes
+        raise CheckpointError(
+            f"cannot store {url} at {target} ({e}): set {CACHE_ENV} to a writable folder with room for it"
+        ) from e
     return target
 
 
@@ -291,10 +307,11 @@ def _fetch(url: str, dest: Path, *, progress: bool, timeout: float) -> None:
             while True:
                 try:
                     chunk = response.read(1 << 20)
-                except http.client.IncompleteRead as e:
-                    out.write(e.partial)
-                    received += len(e.partial)
-                    break
+                except http.client.IncompleteRead as e:  # the server closed a chunked transfer mid-way
+                    raise CheckpointError(
+                        f"download of {url} was cut short after {received + len(e.partial)} bytes (the server closed "
+                        "the connection); nothing was cached"
+                    ) from e
                 if not chunk:
                     break
                 out.write(chunk)
@@ -309,11 +326,14 @@ def _verify(url: str, path: Path, *, sha256: str | None, size: int | None) -> No
     if size is not None and got != size:
         raise CheckpointError(f"{url}: downloaded {got} bytes, the published size is {size}; nothing was cached")
     if sha256 is not None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha256.lower():
-            raise CheckpointError(
-                f"{url}: SHA-256 {digest.hexdigest()} does not match the published {sha256}; nothing was cached"
-            )
+        digest = _sha256(path)
+        if digest != sha256.lower():
+            raise CheckpointError(f"{url}: SHA-256 {digest} does not match the published {sha256}; nothing was cached")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,6 +26,7 @@ class Server:
     files: dict[str, bytes]
     requests: list[str] = field(default_factory=list)
     truncate: set[str] = field(default_factory=set)
+    chunked_cut: set[str] = field(default_factory=set)
 
 
 @pytest.fixture
@@ -35,11 +36,19 @@ def server() -> Iterator[Server]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
-            body = state.files.get(self.path)
+            body = state.files.get(self.path.split("?")[0])
             if body is None:
                 self.send_error(404)
                 return
             self.send_response(200)
+            if self.path in state.chunked_cut:  # no length promised: one chunk of half the file, then hang up
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                half = body[: len(body) // 2]
+                self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.path in state.truncate:  # promise everything, send half, hang up
@@ -117,8 +126,8 @@ def test_checksum_or_size_mismatch_leaves_nothing(server: Server, _cache: Path, 
 
 
 def test_no_network_names_the_url_and_the_cache_path(server: Server, _cache: Path) -> None:
-    url = f"{server.url}/missing.npz"  # 404, as good as no network for the message
-    with pytest.raises(CheckpointError, match=rf"cannot download {url}.*put the file by hand at"):
+    url = f"{server.url}/missing.npz"
+    with pytest.raises(CheckpointError, match=rf"cannot download {url}: the server answered 404"):
         hub.download(url, progress=False)
     dead = "http://127.0.0.1:9/w.npz"  # the discard port: connection refused
     with pytest.raises(CheckpointError, match=rf"{dead}.*{hub.cache_path(dead)}"):
@@ -190,3 +199,52 @@ def test_registry_name_from_a_file_put_in_the_cache_by_hand(monkeypatch: pytest.
     with pytest.raises(CheckpointError, match="no pretrained checkpoint named"):
         hub.get_entry("vit-z99")
     np.testing.assert_array_equal(model.head.weight.shape, (1000, 64))
+
+
+def test_a_chunked_transfer_cut_short_leaves_nothing(server: Server, _cache: Path) -> None:
+    server.chunked_cut.add("/models/w.bin")
+    with pytest.raises(
+        CheckpointError, match=r"cut short after \d+ bytes \(the server closed the connection\); nothing was cached"
+    ):
+        hub.download(f"{server.url}/models/w.bin", progress=False)
+    assert cached_files(_cache) == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/a/%2Ftmp%2Fx.npz", "/a/..%2F..%2Fx.npz", "/a/%2e%2e/x.npz", "/a/..%5Cx.npz", "/a/x%00.npz"]
+)
+def test_an_url_cannot_write_outside_the_cache(path: str, _cache: Path) -> None:
+    with pytest.raises(CheckpointError, match="expected http"):
+        hub.cache_path(f"http://example.org{path}")
+
+
+def test_query_strings_are_part_of_the_cache_key(server: Server, _cache: Path) -> None:
+    server.files["/models/w.bin"] = b"one"
+    first = hub.download(f"{server.url}/models/w.bin?v=1", progress=False)
+    server.files["/models/w.bin"] = b"two"
+    second = hub.download(f"{server.url}/models/w.bin?v=2", progress=False)
+    assert first != second and first.name == second.name == "w.bin"  # the suffix still says the format
+    assert (first.read_bytes(), second.read_bytes()) == (b"one", b"two")
+
+
+def test_a_cached_file_is_checked_against_a_published_digest(server: Server, _cache: Path) -> None:
+    url = f"{server.url}/models/w.bin"
+    path = hub.download(url, progress=False)
+    assert hub.download(url, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False) == path
+    path.write_bytes(b"put here by hand, but not the published file")
+    with pytest.raises(CheckpointError, match=r"does not have .* published SHA-256: delete it"):
+        hub.download(url, sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
+
+
+def test_an_unusable_cache_says_so(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "a_file"))
+    with pytest.raises(CheckpointError, match=r"cannot store .* set VITLAB_CACHE to a writable folder"):
+        hub.download(f"{server.url}/models/w.bin", progress=False)
+
+
+def test_an_url_of_an_unknown_file_type_is_refused_before_downloading(server: Server) -> None:
+    server.files["/models/model.ckpt"] = PAYLOAD
+    with pytest.raises(CheckpointError, match=r"a URL must name a \.npz or \.safetensors"):
+        vitlab.from_pretrained(f"{server.url}/models/model.ckpt")
+    assert server.requests == []
