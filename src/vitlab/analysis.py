@@ -21,8 +21,9 @@ def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
     (``residual * I + (1 - residual) * A``), rows are renormalised, and the layers are multiplied from the
     first to the last. Returns (B, T, T): how much each output token draws on each input token.
     """
-    if not maps:
-        raise ValueError("attention_rollout needs at least one layer of attention maps")
+    _check_maps(maps, "attention_rollout")
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"residual must be in [0, 1] (a mixing weight), got {residual}")
     result: Tensor | None = None
     for a in maps:
         a = a.float().mean(dim=1)  # (B, T, T)
@@ -32,6 +33,17 @@ def attention_rollout(maps: Sequence[Tensor], residual: float = 0.5) -> Tensor:
         result = a if result is None else a @ result
     assert result is not None
     return result
+
+
+def _check_maps(maps: Sequence[Tensor], who: str) -> None:
+    """Per-layer attention maps of one shape, (B, heads, T, T), as ViT.attention_maps returns them."""
+    if len(maps) == 0:
+        raise ValueError(f"{who} needs at least one layer of attention maps")
+    shape = tuple(maps[0].shape)
+    if len(shape) != 4 or shape[-1] != shape[-2]:
+        raise ValueError(f"{who} takes maps of shape (batch, heads, T, T) as ViT.attention_maps gives, got {shape}")
+    if any(tuple(a.shape) != shape for a in maps):
+        raise ValueError(f"{who}: the layers' maps differ in shape: {sorted({tuple(a.shape) for a in maps})}")
 
 
 def patch_centres(grid: tuple[int, int], patch_size: int) -> Tensor:
@@ -44,9 +56,13 @@ def mean_attention_distance(maps: Sequence[Tensor], grid: tuple[int, int], patch
     """Figure 7 right: for each layer and head, the pixel distance between query and key patch centres,
     weighted by the attention, averaged over queries and images. Class-token rows and columns are left
     out (keys renormalised over patches). Returns (layers, heads)."""
+    _check_maps(maps, "mean_attention_distance")
     centres = patch_centres(grid, patch_size)
     dist = torch.cdist(centres, centres)  # (N, N)
     n = dist.shape[0]
+    t = maps[0].shape[-1]
+    if not n <= t <= n + 1:  # a vitlab ViT has at most one prefix token (the class token)
+        raise ValueError(f"the maps have {t} tokens, the grid {grid} has {n} patches (+ at most 1 class token)")
     out = []
     for a in maps:
         a = a.float()[..., -n:, -n:]  # patch-to-patch block
@@ -65,6 +81,8 @@ def filter_components(weight: Tensor, k: int = 28) -> tuple[Tensor, Tensor]:
     """Figure 7 left: the top ``k`` principal components of the patch-embedding filters.
 
     weight: (D, C, P, P). Returns components (k, C, P, P) and their explained-variance fractions (k,)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1 components, got {k}")
     d, c, p, _ = weight.shape
     flat = weight.float().reshape(d, -1)
     flat = flat - flat.mean(dim=0, keepdim=True)

@@ -62,11 +62,21 @@ def save_model(model: ViT, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"cannot save into {directory}: it exists and is not a directory")
+    _check_savable(model)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_NAME, checkpoint_metadata(model))
     return directory
+
+
+def _check_savable(model: ViT) -> None:
+    """What a loader would refuse, refused before anything is written (attributes may have been set by hand)."""
+    names, classes = model.class_names, model.config.num_classes
+    if names is not None and len(names) != classes:
+        raise ValueError(f"the model has {len(names)} class names for num_classes={classes}: fix model.class_names")
+    if not isinstance(model.preprocessing, Preprocessing):
+        raise TypeError(f"model.preprocessing must be a vitlab Preprocessing, not {type(model.preprocessing).__name__}")
 
 
 def checkpoint_metadata(model: ViT) -> dict[str, Any]:
@@ -628,6 +638,7 @@ def save_timm(model: ViT, directory: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    _check_savable(model)
     c = model.config
     if c.pos_embed != "learned":
         raise CheckpointError(f"timm's VisionTransformer has learned 1D position embeddings, not {c.pos_embed!r}")
@@ -686,6 +697,7 @@ def save_hf(model: ViT, directory: str | Path) -> Path:
     with that straight resize, which is what HF, and vitlab reading the directory back, then apply."""
     from safetensors.torch import save_file
 
+    _check_savable(model)
     c = model.config
     if not c.num_classes:
         raise CheckpointError(

@@ -8,6 +8,7 @@ checkpoint expects of its input pixels. Presets are named ``"{Ti,S,B,L,H}/{patch
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -119,15 +120,18 @@ class ViTConfig:
             raise ValueError(f"representation_size must be None or a positive int, got {rep!r}")
         for name in REGULARISATION_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
         if self.patch_dropout and self.pos_embed == "relative":
             raise ValueError(
                 "patch_dropout needs absolute position embeddings: a relative position bias is indexed by the "
                 "full patch grid, which dropping patches breaks"
             )
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias must be True or False, got {self.qkv_bias!r}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -223,8 +227,15 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != len(self.std) or not self.mean:
             raise ValueError(f"mean {self.mean} and std {self.std} need the same, non-zero length")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        if not all(math.isfinite(v) for v in self.mean + self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean must be finite and std positive and finite, got {self.mean} and {self.std}")
+        size = self.image_size
+        if (
+            not isinstance(size, tuple)
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+        ):
+            raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
         if self.interpolation not in get_args(Interpolation):
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {list(get_args(Interpolation))}")
         if not 0.0 < self.crop_pct <= 1.0:
@@ -242,6 +253,9 @@ class Preprocessing:
         return cls(**base)
 
     def replace(self, **changes: Any) -> Preprocessing:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown Preprocessing field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

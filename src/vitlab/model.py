@@ -333,8 +333,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def _merge(self, out: Tensor) -> Tensor:
-        b, _, t, _ = out.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, -1)))
+        b, h, t, hd = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, t, h * hd)))  # (not -1: batch 0 works)
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         cpu_autocast = _cpu_autocast(x)
@@ -457,9 +457,15 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         self.preprocessing = preprocessing or Preprocessing.for_config(config)
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise TypeError(f"preprocessing must be a vitlab Preprocessing, not {type(self.preprocessing).__name__}")
+        if len(self.preprocessing.mean) != config.in_channels:
+            raise ValueError(
+                f"preprocessing has {len(self.preprocessing.mean)} channel statistics (mean {self.preprocessing.mean}) "
+                f"for a model of {config.in_channels} input channel(s)"
+            )
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
-        if self.class_names is not None and len(self.class_names) != config.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for num_classes={config.num_classes}")
+        _check_class_names(self.class_names, config.num_classes)
         d = config.hidden_dim
         self.patch_embed = PatchEmbed(config)
         self.cls_token: nn.Parameter | None = None
@@ -516,6 +522,7 @@ class ViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
         """Replace the head by a zero-initialised one for ``num_classes`` (0: no head)."""
+        _check_class_names(list(class_names) if class_names is not None else None, num_classes)  # before changing
         self.config = self.config.replace(num_classes=num_classes)
         ref = next(self.parameters())
         head_in = self.config.representation_size or self.config.hidden_dim
@@ -531,6 +538,13 @@ class ViT(nn.Module):
     # -------------------------------------------------------------------------------------- forward
     def _check(self, images: Tensor) -> tuple[int, int]:
         c = self.config
+        if not isinstance(images, Tensor):
+            raise TypeError(f"expected a tensor of images (batch, {c.in_channels}, H, W), got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"expected float images (normalised as model.preprocessing says), got {images.dtype}: e.g. "
+                "vitlab.preprocess.load_for_model, or images.float() / 255 then (x - mean) / std"
+            )
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (batch, {c.in_channels}, H, W), got {tuple(images.shape)}")
         _, ch, h, w = images.shape
@@ -650,6 +664,11 @@ class ViT(nn.Module):
             f"image_size={c.image_size}, patch_size={c.patch_size}, hidden_dim={c.hidden_dim}, "
             f"num_layers={c.num_layers}, num_heads={c.num_heads}, pos_embed={c.pos_embed!r}, pool={c.pool!r}"
         )
+
+
+def _check_class_names(names: list[str] | None, num_classes: int) -> None:
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for num_classes={num_classes}")
 
 
 def create_model(name: str | ViTConfig, *, zero_head: bool = False, **overrides: Any) -> ViT:
