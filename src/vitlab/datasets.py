@@ -405,7 +405,7 @@ def _load_named(name: str, *, download: bool) -> tuple[ImageTensors, ImageTensor
         from vitlab.hub import offline
 
         if not download or offline():
-            reason = "download=False" if not download else "VITLAB_OFFLINE is set"
+            reason = "download=False" if not download else f"VITLAB_OFFLINE={os.environ.get('VITLAB_OFFLINE')}"
             raise DataError(f"{not_found} (not downloading: {reason})") from None
         try:
             _download(name)
