@@ -33,3 +33,24 @@ def test_usage_errors_exit_2_with_a_message() -> None:
     assert result.returncode == 2 and "image size 'big'" in result.stderr
     result = run("no-such-command")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_pretrained_listing_says_what_is_cached_and_refuses_preset_options(tmp_path: object) -> None:
+    result = run("models", "--pretrained", "--json")
+    assert result.returncode == 0, result.stderr
+    first = json.loads(result.stdout.splitlines()[0])
+    assert isinstance(first["cached"], bool) and first["cache_path"].endswith(first["url"].rsplit("/", 1)[-1])
+    result = run("models", "--pretrained", "--image-size", "384")
+    assert result.returncode == 2 and "--image-size applies to the presets" in result.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`vitlab models --pretrained | head -1`: the pipe is closed under the writer (here before its first line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitlab", "models", "--pretrained"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has imported vitlab and printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

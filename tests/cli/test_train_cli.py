@@ -299,6 +299,8 @@ def test_resume_names_the_result_changing_settings_it_ignores_without_validating
     assert saved["lr"] != 5 and saved["seed"] == 0 and not saved["keep_head"]
     # the run had finished: resuming it trains no step and rewrites no weights
     assert all(torch.equal(before[k], v) for k, v in weights(out).items())
+    r = run("train", "--out", str(out), "--resume", "--no-progress", "--batch-size", "32", "--limit", "640")
+    assert r.returncode == 0 and "ignoring" not in r.stderr  # the saved values repeated: nothing is ignored
     r = run("train", "--out", str(tmp_path / "none"), "--resume", "--print-config")
     assert r.returncode == 2 and "holds no training_state.pt" in r.stderr
 

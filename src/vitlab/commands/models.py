@@ -14,8 +14,8 @@ EXIT_OK = 0
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("models", help="list model presets with parameters and GFLOPs per image")
-    p.add_argument("--image-size", type=image_size, default=224, help="input size, N or HxW (default 224)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes of the head (default 1000)")
+    p.add_argument("--image-size", type=image_size, default=None, help="input size, N or HxW (default 224)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 1000)")
     p.add_argument("--patches", type=int, nargs="+", default=[32, 16, 14], help="patch sizes to list")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--pretrained", action="store_true", help="list the named public checkpoints")
@@ -28,7 +28,8 @@ def run_pretrained(as_json: bool) -> int:
     entries = list_pretrained()
     if as_json:
         for e in entries:
-            print(json.dumps(e.to_dict()))
+            path = cache_path(e.url)
+            print(json.dumps({**e.to_dict(), "cached": path.is_file(), "cache_path": str(path)}))
         return EXIT_OK
     print(f"{'name':<28} {'arch':<5} {'size':>4} {'classes':>7} {'top1':>6}  {'licence':<10} cached")
     for e in entries:
@@ -41,7 +42,14 @@ def run_pretrained(as_json: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.pretrained:
+        ignored = [flag for flag, value in (("--image-size", args.image_size), ("--num-classes", args.num_classes))
+                   if value is not None]  # fmt: skip
+        if ignored:
+            verb = "apply" if len(ignored) > 1 else "applies"
+            raise ValueError(f"{' and '.join(ignored)} {verb} to the presets, not to the --pretrained checkpoints")
         return run_pretrained(args.json)
+    args.image_size = 224 if args.image_size is None else args.image_size
+    args.num_classes = 1000 if args.num_classes is None else args.num_classes
     import torch
 
     from vitlab.config import SIZES, ViTConfig

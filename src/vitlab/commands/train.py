@@ -162,6 +162,15 @@ def _given(args: argparse.Namespace, name: str) -> Any:
     return getattr(args, name, None)
 
 
+def _same_as_saved(given: str, args: argparse.Namespace, saved: dict[str, Any]) -> bool:
+    """Whether a flag given on --resume repeats the run's saved value (then there is nothing to ignore)."""
+    field = _FLAGS.get(given, (None, None))[0]
+    if field is None or field not in saved:
+        return False
+    value = getattr(args, field)
+    return bool(saved[field] == (list(value) if isinstance(value, tuple) else value))
+
+
 def _given_settings(args: argparse.Namespace) -> list[str]:
     """The result-changing options given on the command line (flags and --set items), as typed."""
     given = ["--recipe"] if args.recipe is not None else []
@@ -194,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(json.dumps(saved.to_dict(), indent=2))
             return 0
-        ignored = _given_settings(args)
+        saved_dict = saved.to_dict()
+        ignored = [g for g in _given_settings(args) if not _same_as_saved(g, args, saved_dict)]
         if ignored and rank0:
             log(f"--resume continues the saved configuration; ignoring {', '.join(ignored)}")
     else:
