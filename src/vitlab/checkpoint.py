@@ -29,7 +29,7 @@ from vitlab import pos_embed as pe
 from vitlab.config import Interpolation, PosEmbed, Preprocessing, ViTConfig, field_names
 from vitlab.errors import CheckpointError
 from vitlab.io import atomic_write, atomic_write_json
-from vitlab.model import ViT
+from vitlab.model import ViT, check_class_names
 from vitlab.preprocess import resize_target
 
 CONFIG_NAME = "config.json"
@@ -72,9 +72,7 @@ def save_model(model: ViT, directory: str | Path) -> Path:
 
 def _check_savable(model: ViT) -> None:
     """What a loader would refuse, refused before anything is written (attributes may have been set by hand)."""
-    names, classes = model.class_names, model.config.num_classes
-    if names is not None and len(names) != classes:
-        raise ValueError(f"the model has {len(names)} class names for num_classes={classes}: fix model.class_names")
+    check_class_names(model.class_names, model.config.num_classes, fix=": fix model.class_names")
     if not isinstance(model.preprocessing, Preprocessing):
         raise TypeError(f"model.preprocessing must be a vitlab Preprocessing, not {type(model.preprocessing).__name__}")
 
@@ -189,7 +187,7 @@ def read_config_json(directory: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------- timm layout -> ViTConfig
 def infer_timm_config(
-    sd: Mapping[str, Tensor], overrides: Mapping[str, Any], saved_size: tuple[int, int] | None = None
+    sd: Mapping[str, Tensor], overrides: Mapping[str, Any], saved_size: int | Sequence[int] | None = None
 ) -> ViTConfig:
     """The architecture of a timm / vitlab-layout state dict, from its shapes and ``overrides``.
 
@@ -495,9 +493,8 @@ def load_timm_dir(path: Path, overrides: Mapping[str, Any], meta: Mapping[str, A
     size, input_size = model_args.get("img_size"), pcfg.get("input_size")
     if size is None and isinstance(input_size, list) and len(input_size) == 3:
         size = input_size[1:]
-    saved = None if size is None else (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     sd = read_state_dict(weights)
-    config = infer_timm_config(sd, {**overrides, **known}, saved)
+    config = infer_timm_config(sd, {**overrides, **known}, size)
     pool = model_args.get("global_pool", meta.get("global_pool"))
     if pool not in (None, "") and pool != {"token": "token", "gap": "avg"}[config.pool]:
         raise CheckpointError(

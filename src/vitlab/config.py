@@ -229,13 +229,8 @@ class Preprocessing:
             raise ValueError(f"mean {self.mean} and std {self.std} need the same, non-zero length")
         if not all(math.isfinite(v) for v in self.mean + self.std) or any(s <= 0 for s in self.std):
             raise ValueError(f"mean must be finite and std positive and finite, got {self.mean} and {self.std}")
-        size = self.image_size
-        if (
-            not isinstance(size, tuple)
-            or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
-        ):
-            raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+        if min(self.image_size) < 1:  # (a pair of ints already: _ImageSize)
+            raise ValueError(f"image_size must be a positive int or (height, width), got {self.image_size!r}")
         if self.interpolation not in get_args(Interpolation):
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {list(get_args(Interpolation))}")
         if not 0.0 < self.crop_pct <= 1.0:

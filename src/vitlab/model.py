@@ -465,7 +465,7 @@ class ViT(nn.Module):
                 f"for a model of {config.in_channels} input channel(s)"
             )
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
-        _check_class_names(self.class_names, config.num_classes)
+        check_class_names(self.class_names, config.num_classes)
         d = config.hidden_dim
         self.patch_embed = PatchEmbed(config)
         self.cls_token: nn.Parameter | None = None
@@ -522,7 +522,7 @@ class ViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
         """Replace the head by a zero-initialised one for ``num_classes`` (0: no head)."""
-        _check_class_names(list(class_names) if class_names is not None else None, num_classes)  # before changing
+        check_class_names(class_names, num_classes)  # before anything changes
         self.config = self.config.replace(num_classes=num_classes)
         ref = next(self.parameters())
         head_in = self.config.representation_size or self.config.hidden_dim
@@ -666,9 +666,10 @@ class ViT(nn.Module):
         )
 
 
-def _check_class_names(names: list[str] | None, num_classes: int) -> None:
+def check_class_names(names: Sequence[str] | None, num_classes: int, fix: str = "") -> None:
+    """ValueError unless ``names`` (if any) name each of ``num_classes`` outputs; ``fix`` ends the message."""
     if names is not None and len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for num_classes={num_classes}")
+        raise ValueError(f"{len(names)} class names for num_classes={num_classes}{fix}")
 
 
 def create_model(name: str | ViTConfig, *, zero_head: bool = False, **overrides: Any) -> ViT:

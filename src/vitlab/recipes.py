@@ -157,9 +157,11 @@ class TrainConfig:
         aug = d.pop("augment", {}) or {}
         if "scale" in aug:
             aug["scale"] = tuple(aug["scale"])
-        for key in ("betas", "mean", "std") + (("image_size",) if isinstance(d.get("image_size"), list) else ()):
+        for key in ("betas", "mean", "std"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        if isinstance(d.get("image_size"), list):  # (H, W) as JSON wrote it; an int stays an int
+            d["image_size"] = tuple(d["image_size"])
         return cls(augment=AugmentConfig(**aug), **d)
 
 

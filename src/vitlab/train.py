@@ -243,10 +243,10 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def saved_config(out: str | Path) -> TrainConfig:
-    """The configuration of the run saved in ``out`` (what ``--resume`` continues)."""
+def saved_config(out: str | Path, overwrite: bool = False) -> TrainConfig:
+    """The configuration of the run saved in ``out`` (what ``--resume`` continues; ``overwrite`` contradicts it)."""
     out = Path(out)
-    prepare_out(out, resume=True, overwrite=False)
+    prepare_out(out, resume=True, overwrite=overwrite)
     path = out / RUN_CONFIG_NAME
     try:
         saved = json.loads(path.read_text())
@@ -287,7 +287,8 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True, i
         for name in (STATE_NAME, RUN_CONFIG_NAME):
             if not (out / name).is_file():
                 raise ValueError(f"--resume: {out} holds no {name} to resume from")
-        _remove_stale_temporaries(out, delete)
+        if delete:
+            _remove_stale_temporaries(out)
         return
     source = Path(init_from).expanduser() if init_from and _is_local_path(init_from) else None
     if source is not None:
@@ -309,13 +310,11 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, delete: bool = True, i
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / BEST_DIR, ignore_errors=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
-        _remove_stale_temporaries(out, delete)
+        _remove_stale_temporaries(out)
 
 
-def _remove_stale_temporaries(out: Path, delete: bool) -> None:
+def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of atomic writes that a kill -9 interrupted (``.NAME.XXXX.tmp``, vitlab.io): never read."""
-    if not delete:
-        return
     for folder in (out, out / BEST_DIR):
         for name in _RUN_FILES:
             for tmp in folder.glob(f".{name}.*.tmp"):
@@ -351,12 +350,12 @@ def train(
         raise ValueError("train needs a config unless it resumes a saved run")
     config = config.replace(**runtime) if config is not None else None
     out = Path(out)
+    init_from = None
     if config is not None and not resume:
         _ = config.dataset  # a recipe without a default dataset stops here, before anything is written
-    if config is not None and not resume:
         config = _absolute_paths(config)  # run_config.json then means the same data from any directory
+        init_from = config.init_from
     d = init_distributed()
-    init_from = config.init_from if config is not None and not resume else None
     prepare_out(out, resume, overwrite, delete=d.main, init_from=init_from)  # every rank checks: all stop together
     _barrier(d)
     if resume:

@@ -8,6 +8,7 @@ import shlex
 import sys
 from typing import Any
 
+from vitlab.commands._args import require_positive
 from vitlab.io import check_out_file
 
 EXIT_OK = 0
@@ -72,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_out_file(args.out)  # before the minutes of timing, not after
+    require_positive(args, "threads")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")

@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {args.to} checkpoint to {out}: {c.num_layers} layers, width {c.hidden_dim}, {c.num_heads} heads, "
         f"patch {c.patch_size}, {c.image_size[0]}x{c.image_size[1]}, {c.num_classes} classes"
     )
-    head = getattr(model, "head", None)
-    if c.num_classes and isinstance(head, torch.nn.Linear) and not head.weight.any():
+    if c.num_classes and isinstance(model.head, torch.nn.Linear) and not model.head.weight.any():
         print(f"note: the {c.num_classes}-class head is new (zero-initialised): fine-tune it before predicting")
     return EXIT_OK
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,15 @@ def class_mapping(model_names: list[str] | None, data_names: list[str], num_clas
         index = {n: i for i, n in enumerate(model_names)}
         # a folder cannot be named "T-shirt/top": a name matches up to case and punctuation when that is unique
         keys = [_name_key(n) for n in model_names]
+        unique = Counter(keys)
         for i, key in enumerate(keys):
-            if keys.count(key) == 1:
+            if unique[key] == 1:
                 index.setdefault(key, i)
         found = {n: index.get(n, index.get(_name_key(n))) for n in data_names}
         missing = [n for n, i in found.items() if i is None]
         if not missing:
-            same = [n for n, i in found.items() if list(found.values()).count(i) > 1]
+            used = Counter(found.values())
+            same = [n for n, i in found.items() if used[i] > 1]
             if same:
                 raise ValueError(
                     f"dataset classes {', '.join(map(repr, same))} all name the same model class: merge or rename "

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from vitlab.commands._args import require_positive
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("fewshot", help="few-shot linear evaluation of a frozen checkpoint (and a linear probe)")
@@ -37,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     shots = list(dict.fromkeys(args.shots))  # in order, without repeats
     if min(shots) < 1:
         raise ValueError(f"--shots must be >= 1, got {min(shots)}")
-    if args.draws < 1:
-        raise ValueError(f"--draws must be >= 1, got {args.draws}")
+    require_positive(args, "draws")
     if not 0 < args.val_fraction < 1:
         raise ValueError(
             f"--val-fraction must be in (0, 1): the L2 strength is chosen on held-out data, got {args.val_fraction}"

@@ -187,8 +187,6 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     if args.out is None and (args.resume or not args.print_config):
         raise ValueError("--out is required: the run folder to " + ("resume" if args.resume else "write"))
     # switches given explicitly apply on --resume too (they change speed and memory, not results); on a new
@@ -198,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     config: TrainConfig | None = None
     if args.resume:
         # the run continues as it was saved: settings that change results are named, not even validated
-        saved = saved_config(args.out)  # a clear error when --out holds no run
+        saved = saved_config(args.out, overwrite=args.overwrite)  # a clear error when --out holds no run
         saved = saved.replace(**{k: getattr(args, k) for k in given_runtime})
         if args.print_config:
             print(json.dumps(saved.to_dict(), indent=2))
